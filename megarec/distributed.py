@@ -1,0 +1,113 @@
+"""Collectives and rank-aware logging.
+
+Everything here works with or without an initialised process group, so the
+same code runs in a single CPU process, under ``deepspeed --num_gpus 2`` on
+CPU (gloo) and on GPUs (nccl).
+"""
+from __future__ import annotations
+
+import logging
+import os
+import sys
+
+import torch
+import torch.distributed as dist
+
+
+def is_dist() -> bool:
+    return dist.is_available() and dist.is_initialized()
+
+
+def get_rank() -> int:
+    return dist.get_rank() if is_dist() else 0
+
+
+def get_world_size() -> int:
+    return dist.get_world_size() if is_dist() else 1
+
+
+def is_main_process() -> bool:
+    return get_rank() == 0
+
+
+def barrier() -> None:
+    if is_dist():
+        dist.barrier()
+
+
+class _AllGatherWithGrad(torch.autograd.Function):
+    """All-gather along dim 0 whose backward routes each rank's slice of the
+    summed gradient back to that rank (the open_clip / SimCLR pattern).
+
+    Every rank computes the loss on the *whole* gathered batch, so the gradient
+    w.r.t. the gathered tensor must be summed over ranks before slicing: the
+    result equals the gradient of one process holding the concatenated batch.
+    Ranks may hold different batch sizes.
+    """
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        world = dist.get_world_size()
+        sizes = torch.tensor([x.shape[0]], device=x.device, dtype=torch.long)
+        all_sizes = [torch.zeros_like(sizes) for _ in range(world)]
+        dist.all_gather(all_sizes, sizes)
+        counts = [int(s.item()) for s in all_sizes]
+        max_n = max(counts)
+        padded = x.new_zeros((max_n,) + tuple(x.shape[1:]))
+        padded[: x.shape[0]] = x
+        bufs = [torch.empty_like(padded) for _ in range(world)]
+        dist.all_gather(bufs, padded.contiguous())
+        ctx.counts = counts
+        ctx.rank = dist.get_rank()
+        return torch.cat([b[:n] for b, n in zip(bufs, counts)], dim=0)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):  # type: ignore[override]
+        grad = grad.contiguous().clone()
+        dist.all_reduce(grad, op=dist.ReduceOp.SUM)
+        start = sum(ctx.counts[: ctx.rank])
+        return grad[start : start + ctx.counts[ctx.rank]]
+
+
+def all_gather_with_grad(x: torch.Tensor) -> torch.Tensor:
+    """Concatenate ``x`` from every rank along dim 0, differentiably."""
+    if get_world_size() == 1:
+        return x
+    return _AllGatherWithGrad.apply(x)
+
+
+def all_reduce_sum(x: torch.Tensor) -> torch.Tensor:
+    """Sum ``x`` over ranks (in place when distributed) and return it."""
+    if is_dist():
+        dist.all_reduce(x, op=dist.ReduceOp.SUM)
+    return x
+
+
+def broadcast_object(obj, src: int = 0):
+    """Send a picklable object from ``src`` to every rank (trusted, in-job only)."""
+    if not is_dist():
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=src)
+    return box[0]
+
+
+class _RankFilter(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        record.rank = get_rank()
+        return True
+
+
+def get_logger(name: str = "megarec") -> logging.Logger:
+    """Logger that tags lines with the rank; INFO on rank 0, WARNING elsewhere."""
+    logger = logging.getLogger(name)
+    if not getattr(logger, "_megarec_configured", False):
+        handler = logging.StreamHandler(sys.stderr)
+        handler.addFilter(_RankFilter())
+        handler.setFormatter(logging.Formatter("[%(asctime)s rank%(rank)s %(name)s] %(message)s", "%H:%M:%S"))
+        logger.addHandler(handler)
+        logger.propagate = False
+        logger._megarec_configured = True  # type: ignore[attr-defined]
+    level = os.environ.get("MEGAREC_LOG_LEVEL", "INFO" if is_main_process() else "WARNING")
+    logger.setLevel(level)
+    return logger
