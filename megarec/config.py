@@ -46,9 +46,11 @@ def field(default: Any = dataclasses.MISSING, *, default_factory: Any = dataclas
 class DataConfig:
     paths: list[str] = field(default_factory=list, help="domain folders or files (see README: data formats)")
     max_len: int = field(20, min=1, help="history length cap (items)")
-    text_fields: list[str] = field(default_factory=lambda: ["title", "brand", "categories", "description"],
-                                   help="item fields concatenated into the item text")
-    kcore: int = field(0, min=0, help="k-core filtering (0 = as read; raw Amazon 2023 defaults to 5)")
+    text_fields: list[str] | None = field(None, help="item fields concatenated into the item text (none = the "
+                                          "format's: title,brand,categories,description for the json layout, "
+                                          "title,features,categories for raw Amazon 2023, every text column for RecBole)")
+    kcore: int | None = field(None, min=0, help="k-core filtering (none = the format's: 5 for raw Amazon 2023, "
+                                                "as read otherwise; 0 = as read)")
 
 
 @dataclasses.dataclass
@@ -60,6 +62,52 @@ class ShardConfig:
     shuffle_buffer: int = field(1000, min=0, help="shuffle buffer size (0 = no shuffling)")
     batch_size: int = field(64, min=1)
     num_workers: int = field(0, min=0)
+
+
+@dataclasses.dataclass
+class RQVAEConfig:
+    """RQ-VAE tokenizer: MLP encoder/decoder around residual codebooks (ETEGRec Eqs. 3-10, UniGRec Eqs. 14-17)."""
+    hidden: list[int] = field(default_factory=lambda: [512, 256, 128], min=1,
+                              help="encoder MLP widths between input and code_dim (the decoder mirrors them)")
+    code_dim: int = field(32, min=1, help="codebook vector dimension d_c")
+    codebook_sizes: list[int] = field(default_factory=lambda: [256, 256, 256], min=1,
+                                      help="codes per level, one entry per level (the ID length)")
+    quantizer: str = field("hard", choices=("hard", "soft"),
+                           help="hard: nearest code + straight-through + RQ loss; soft: UniGRec soft identifiers")
+    beta: float = field(0.25, min=0.0, help="commitment weight (ETEGRec Eq. 10)")
+    dropout: float = field(0.0, min=0.0, max=0.99, help="dropout between MLP layers")
+    kmeans_init: bool = field(True, help="initialise codebooks by k-means on the first batches")
+    kmeans_iters: int = field(25, min=0, help="Lloyd iterations of the k-means initialisation")
+    dead_code_steps: int = field(200, min=0, help="re-seed codes unused for this many steps (0 = never)")
+    tau_max: float = field(0.05, min=1e-8, help="soft: initial temperature (UniGRec Eq. 16)")
+    tau_min: float = field(0.001, min=1e-8, help="soft: final temperature (UniGRec Eq. 16)")
+    uniformity_weight: float = field(1e-4, min=0.0, help="soft: weight of the uniformity loss (UniGRec Eq. 21)")
+
+    def check(self) -> None:
+        if self.tau_min > self.tau_max:
+            raise ConfigError(f"rqvae.tau_min ({self.tau_min}) must not exceed rqvae.tau_max ({self.tau_max})")
+
+
+@dataclasses.dataclass
+class TokenizerConfig:
+    """``megarec train-tokenizer``: inputs, RQ-VAE, optimisation and code assignment."""
+    rqvae: RQVAEConfig = field(default_factory=RQVAEConfig)
+    encoder: str = field("", help="HF encoder for item text (path or folder; empty = bundled all-MiniLM-L6-v2)")
+    text_fields: list[str] | None = field(None, help="item fields forming the text (none = the domain's)")
+    max_text_length: int = field(256, min=8, help="encoder tokens per item text")
+    encoder_batch_size: int = field(64, min=1)
+    normalize: bool = field(True, help="L2-normalise text embeddings (as sentence-transformers does for MiniLM)")
+    epochs: int = field(1500, min=1)
+    batch_size: int = field(1024, min=1)
+    lr: float = field(1e-3, min=0.0)
+    weight_decay: float = field(0.0, min=0.0)
+    kmeans_samples: int = field(4096, min=1, help="items (first shuffled batches) used for k-means init")
+    eval_every: int = field(100, min=1, help="epochs between catalogue code statistics")
+    collisions: str = field("utgrec", choices=("utgrec", "dedup", "none"),
+                            help="utgrec: move colliding last codes to the nearest free code; "
+                                 "dedup: TIGER's extra level; none: keep collisions")
+    seed: int = field(0, min=0)
+    device: str = field("auto", choices=("auto", "cpu", "cuda"))
 
 
 def _is_dataclass_type(tp: Any) -> bool:

@@ -20,6 +20,9 @@ class MissingTextError(DataError):
     """A method needs item text but the domain has none."""
 
 
+DEFAULT_TEXT_FIELDS = ("title", "brand", "categories", "description")
+
+
 @dataclass
 class Domain:
     """One domain as read from disk.
@@ -27,6 +30,9 @@ class Domain:
     ``sequences[u]`` is user ``users[u]``'s chronological list of item indices.
     ``item_text`` is ``None`` for a domain without an item file; otherwise one
     dict of text fields per item. ``item_image`` holds a path, URL or ``None``.
+    ``text_fields`` are the fields that form the item text when a caller names
+    none (set by the reader from the format or its ``text_fields`` argument;
+    ``None`` means ``DEFAULT_TEXT_FIELDS``).
     """
 
     name: str
@@ -36,6 +42,7 @@ class Domain:
     item_text: list[dict[str, str]] | None = None
     item_image: list[str | None] | None = None
     source: str = ""
+    text_fields: list[str] | None = None
 
     def __post_init__(self) -> None:
         n = len(self.item_ids)
@@ -75,14 +82,14 @@ class Domain:
                 "use a domain with item text, or a tokenizer input that needs none (e.g. collaborative embeddings)"
             )
 
-    def text(self, item: int, fields: Sequence[str] = ("title", "brand", "categories", "description"),
-             sep: str = " ") -> str:
-        """The item's text: the non-empty ``fields`` joined in order."""
+    def text(self, item: int, fields: Sequence[str] | None = None, sep: str = " ") -> str:
+        """The item's text: the non-empty ``fields`` (default: the domain's ``text_fields``) joined in order."""
         self.require_text("item text")
+        fields = fields or self.text_fields or DEFAULT_TEXT_FIELDS
         rec = self.item_text[item]  # type: ignore[index]
         return sep.join(str(rec[f]).strip() for f in fields if rec.get(f) and str(rec[f]).strip())
 
-    def texts(self, fields: Sequence[str] = ("title", "brand", "categories", "description")) -> list[str]:
+    def texts(self, fields: Sequence[str] | None = None) -> list[str]:
         return [self.text(i, fields) for i in range(self.num_items)]
 
     # -- statistics ----------------------------------------------------------
@@ -114,6 +121,7 @@ class Domain:
             item_text=None if self.item_text is None else [self.item_text[i] for i in used],
             item_image=None if self.item_image is None else [self.item_image[i] for i in used],
             source=self.source,
+            text_fields=self.text_fields,
         )
 
 
@@ -141,7 +149,8 @@ def kcore(domain: Domain, k: int = 5) -> Domain:
         if not changed:
             break
     kept = Domain(domain.name, domain.item_ids, [u for u, ok in zip(domain.users, keep_users) if ok],
-                  [s for s, ok in zip(seqs, keep_users) if ok], domain.item_text, domain.item_image, domain.source)
+                  [s for s, ok in zip(seqs, keep_users) if ok], domain.item_text, domain.item_image, domain.source,
+                  domain.text_fields)
     return kept.subset_users(range(kept.num_users))
 
 
