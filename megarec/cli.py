@@ -54,8 +54,281 @@ def format_table(rows: list[dict], cols: list[str]) -> str:
     return "\n".join(lines)
 
 
+# --------------------------------------------------------------------------- download-images
+def _add_download_images(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    p = sub.add_parser("download-images", help="fetch item images (raw Amazon 2023 URLs) into a folder",
+                       description="Download the image URL of every item of a domain (raw Amazon 2023 meta: the "
+                                   "first 'large' image) with retries and exponential backoff. Resumable: files "
+                                   "already in OUT are skipped, partial downloads never count as done.")
+    p.add_argument("path", help="domain folder or file with image URLs (raw Amazon 2023 with its meta file)")
+    p.add_argument("--out", required=True, help="folder for the images (<item id>.jpg)")
+    p.add_argument("--workers", type=int, default=8, help="parallel download threads")
+    p.add_argument("--retries", type=int, default=4, help="retries per image after a transient error")
+    p.add_argument("--backoff", type=float, default=0.5, help="first retry delay in seconds, doubled each retry")
+    p.add_argument("--timeout", type=float, default=30.0, help="seconds per request")
+    p.add_argument("--kcore", type=int, default=None, help="k-core filtering (default: the format's)")
+    return p
+
+
+def _cmd_download_images(args: argparse.Namespace) -> int:
+    from megarec.data.download_images import download_images
+    from megarec.data.readers import read_domain
+
+    domain = read_domain(args.path, kcore=args.kcore)
+    report = download_images(domain, args.out, workers=args.workers, retries=args.retries,
+                             backoff=args.backoff, timeout=args.timeout)
+    print(" ".join(f"{k}={v}" for k, v in report.as_dict().items()))
+    for iid, url, err in report.failures[:10]:
+        print(f"failed: {iid} {url}: {err}", file=sys.stderr)
+    if report.failed:
+        print(f"{report.failed} images failed; rerun the same command to retry them", file=sys.stderr)
+        return 1
+    return 0
+
+
+# --------------------------------------------------------------------------- build-shards
+def _add_build_shards(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    p = sub.add_parser("build-shards", help="write items (metadata, positives, images) as WebDataset tar shards",
+                       description="Read one or more domains and write every item as a WebDataset sample "
+                                   "(<key>.json metadata with text fields and co-occurrence positives from the "
+                                   "leave-one-out training split, plus <key>.jpg/png when there is an image) into "
+                                   "OUT/items-%%06d.tar, with a manifest OUT/index.json.")
+    p.add_argument("paths", nargs="+", help="domain folders or files (any supported format)")
+    p.add_argument("--out", required=True, help="output folder for the shards and index.json")
+    p.add_argument("--max-count", type=int, default=10000, help="items per shard at most")
+    p.add_argument("--max-size", type=int, default=1 << 30,
+                   help="bytes of member data per shard at most (a shard may exceed it by one item)")
+    p.add_argument("--images", choices=("none", "files", "placeholder"), default="none",
+                   help="none: no images; files: each item's image file; placeholder: a rendered JPEG per item")
+    p.add_argument("--image-dir", default=None,
+                   help="with --images files: folder filled by `megarec download-images` (image URLs -> files)")
+    p.add_argument("--image-size", type=int, default=256, help="placeholder image side in pixels")
+    p.add_argument("--max-len", type=int, default=20, help="history length of the leave-one-out split")
+    p.add_argument("--kcore", type=int, default=None, help="k-core filtering (default: the format's)")
+    p.add_argument("--overwrite", action="store_true", help="replace shards already in --out")
+    return p
+
+
+def _cmd_build_shards(args: argparse.Namespace) -> int:
+    from megarec.data.readers import read_domain
+    from megarec.data.shards import write_shards
+
+    domains = [read_domain(p, kcore=args.kcore) for p in args.paths]
+    if args.image_dir:
+        from megarec.data.download_images import with_local_images
+        domains = [with_local_images(d, args.image_dir) for d in domains]
+    paths = write_shards(domains, args.out, max_count=args.max_count, max_size=args.max_size, images=args.images,
+                         image_size=args.image_size, max_len=args.max_len, overwrite=args.overwrite, progress=True)
+    manifest = json.loads((paths[0].parent / "index.json").read_text())
+    rows = [{"domain": d.name, "items": d.num_items, "text": d.has_text,
+             "images": sum(p is not None for p in d.item_image or []) if args.images == "files"
+             else (d.num_items if args.images == "placeholder" else 0)} for d in domains]
+    print(format_table(rows, ["domain", "items", "text", "images"]))
+    size = sum(s["bytes"] for s in manifest["shards"])
+    print(f"{manifest['num_items']:,} items in {len(paths)} shards ({size / 2**20:.1f} MiB) under {args.out}")
+    return 0
+
+
+# --------------------------------------------------------------------------- train-tokenizer
+def _add_train_tokenizer(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    p = sub.add_parser("train-tokenizer", help="train an RQ-VAE tokenizer on a domain's items; write codes and stats",
+                       description="Embed every item (text encoder, or --embeddings for collaborative ones), train "
+                                   "an RQ-VAE on the embeddings, then write OUT/model.safetensors + config.yaml, "
+                                   "OUT/codes.safetensors (collision policy: --collisions), OUT/stats.json and "
+                                   "TensorBoard logs under OUT/tb. Any config key can follow PATH as --key value, "
+                                   "e.g. --epochs 500 --rqvae.codebook_sizes 256,256,256 --rqvae.quantizer soft.")
+    p.add_argument("path", help="domain folder or file (any supported format)")
+    p.add_argument("--out", required=True, help="output folder for the trained tokenizer")
+    p.add_argument("--config", default=None, help="YAML file of TokenizerConfig keys (overrides follow PATH)")
+    p.add_argument("--embeddings", default=None,
+                   help="item embeddings file (megarec-embeddings/1, e.g. SASRec's) instead of item text")
+    p.add_argument("--kcore", type=int, default=None, help="k-core filtering (default: the format's)")
+    p.set_defaults(_overrides=True)
+    return p
+
+
+def _cmd_train_tokenizer(args: argparse.Namespace) -> int:
+    from megarec.config import TokenizerConfig, load_config
+    from megarec.data.readers import read_domain
+    from megarec.tokenizer.commands import summary_rows, train_tokenizer
+
+    cfg = load_config(TokenizerConfig, args.config, args.overrides)
+    domain = read_domain(args.path, kcore=args.kcore, text_fields=cfg.text_fields)
+    if args.embeddings is None:
+        domain.require_text("train-tokenizer")
+    stats = train_tokenizer(domain, cfg, args.out, embeddings=args.embeddings)
+    print(format_table(summary_rows(stats), ["level", "usage", "perplexity", "entropy"]))
+    print(f"collision rate {stats['collision_rate_before']:.4f} before, {stats['collision_rate_after']:.4f} after "
+          f"({stats['policy']}); uniformly random codes: {stats['random_codes_collision_rate']:.4f}; "
+          f"identical inputs: {stats['duplicate_input_rate']:.4f}")
+    print(f"tokenizer, codes and stats written to {args.out}")
+    return 0
+
+
+# --------------------------------------------------------------------------- tokenize
+def _add_tokenize(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    p = sub.add_parser("tokenize", help="assign codes to every item of a domain with a trained tokenizer",
+                       description="Write a codes file (megarec-codes/1) with the semantic ID of every item of "
+                                   "PATH, using the tokenizer trained by `megarec train-tokenizer`.")
+    p.add_argument("path", help="domain folder or file (any supported format)")
+    p.add_argument("--model", required=True, help="folder written by `megarec train-tokenizer`")
+    p.add_argument("--out", required=True, help="codes file to write (.safetensors)")
+    p.add_argument("--collisions", choices=("utgrec", "dedup", "none"), default=None,
+                   help="utgrec: move colliding last codes to the nearest free code; dedup: TIGER's extra level; "
+                        "none: keep collisions (default: the tokenizer's config)")
+    p.add_argument("--embeddings", default=None, help="item embeddings file, for a tokenizer trained on embeddings")
+    p.add_argument("--kcore", type=int, default=None, help="k-core filtering (default: the format's)")
+    return p
+
+
+def _cmd_tokenize(args: argparse.Namespace) -> int:
+    from megarec.config import TokenizerConfig, load_config
+    from megarec.data.readers import read_domain
+    from megarec.tokenizer.commands import summary_rows, tokenize
+    from pathlib import Path
+
+    cfg_path = Path(args.model) / "config.yaml"
+    cfg = load_config(TokenizerConfig, cfg_path) if cfg_path.is_file() else TokenizerConfig()
+    domain = read_domain(args.path, kcore=args.kcore, text_fields=cfg.text_fields)
+    codes = tokenize(args.model, domain, args.out, args.collisions, args.embeddings)
+    print(format_table(summary_rows(codes.stats), ["level", "usage", "perplexity", "entropy"]))
+    print(f"collision rate {codes.stats['collision_rate_before']:.4f} before, "
+          f"{codes.stats['collision_rate_after']:.4f} after ({codes.stats['policy']}); "
+          f"{len(codes.item_keys):,} items -> {args.out}")
+    return 0
+
+
+# --------------------------------------------------------------------------- train-rec
+def _add_train_rec(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    p = sub.add_parser("train-rec", help="train and evaluate a recommender (tiger, sasrec) with DeepSpeed",
+                       description="Run megarec/train_rec.py: read data.paths, train `method` with AdamW + warmup "
+                                   "+ cosine, evaluate every train.eval_every epochs, stop early on validation "
+                                   "NDCG@10, test the best model; outputs under train.run_dir. Runs in this "
+                                   "process on one rank, or with --launcher deepspeed on --num_gpus ranks. Any "
+                                   "config key can follow as --key value, e.g. --method sasrec --train.lr 1e-3 "
+                                   "--data.paths A,B --data.codes codes.safetensors.")
+    p.add_argument("--config", default=None, help="YAML file of TrainRecConfig keys")
+    p.add_argument("--deepspeed", default=None, help="DeepSpeed config (ds_configs/zero2.json, zero3.json, ...)")
+    p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in train.run_dir")
+    p.add_argument("--init_from", default=None, help="weights to fine-tune from (model.safetensors, run folder "
+                                                     "or DeepSpeed checkpoint)")
+    p.add_argument("--profile", default=None, help="preset overrides: paper, cpu-small, tiny")
+    p.add_argument("--launcher", choices=("none", "deepspeed"), default="none",
+                   help="none: this process, one rank; deepspeed: start the deepspeed launcher")
+    p.add_argument("--num_gpus", type=int, default=1, help="ranks per node with --launcher deepspeed "
+                                                           "(CPU ranks when there is no GPU)")
+    p.set_defaults(_overrides=True)
+    return p
+
+
+def _cmd_train_rec(args: argparse.Namespace) -> int:
+    import subprocess
+    from pathlib import Path
+
+    from megarec import train_rec
+
+    argv = [*(["--config", args.config] if args.config else []),
+            *(["--deepspeed", args.deepspeed] if args.deepspeed else []),
+            *(["--resume"] if args.resume else []),
+            *(["--init_from", args.init_from] if args.init_from else []),
+            *(["--profile", args.profile] if args.profile else []), *args.overrides]
+    if args.launcher == "deepspeed":
+        cmd = ["deepspeed", "--num_gpus", str(args.num_gpus), str(Path(train_rec.__file__)), *argv]
+        return subprocess.call(cmd)
+    return train_rec.main(argv)
+
+
+# --------------------------------------------------------------------------- recommend
+def _add_recommend(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    p = sub.add_parser("recommend", help="top-K items for user histories from a trained recommender",
+                       description="Print one JSON line per history: the top-K items (id, title, score) a model "
+                                   "trained by `megarec train-rec` recommends next. Histories come from a JSON-lines "
+                                   "file (each line a list of item ids, oldest first, or an object with 'history' "
+                                   "and optional 'user'), or are the full sequences of --user ids of the domain.")
+    p.add_argument("--model", required=True, help="run folder of `megarec train-rec` (or its model/ folder)")
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--histories", default=None, help="JSON-lines file of histories")
+    src.add_argument("--user", nargs="+", default=None, help="user ids of the domain")
+    p.add_argument("--domain", default=None, help="domain to recommend from (needed when the model has several)")
+    p.add_argument("--topk", type=int, default=10, help="items per history")
+    p.add_argument("--batch_size", type=int, default=256, help="histories per model call")
+    return p
+
+
+def _read_histories(path: str) -> list[tuple[str | None, list]]:
+    from pathlib import Path
+
+    rows = []
+    f = Path(path)
+    if not f.is_file():
+        raise DataError(f"histories file {path} does not exist")
+    for n, line in enumerate(f.read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise DataError(f"{path}:{n}: not valid JSON ({e.msg})") from e
+        user, hist = (obj.get("user"), obj.get("history")) if isinstance(obj, dict) else (None, obj)
+        if not isinstance(hist, list) or not hist:
+            raise DataError(f"{path}:{n}: expected a non-empty list of item ids (or {{\"history\": [...]}})")
+        rows.append((user, hist))
+    if not rows:
+        raise DataError(f"{path}: no histories")
+    return rows
+
+
+def _cmd_recommend(args: argparse.Namespace) -> int:
+    import numpy as np
+
+    from megarec.train_rec import load_trained
+
+    if args.topk < 1:
+        raise ConfigError("--topk must be >= 1")
+    trained = load_trained(args.model, args.domain)
+    names = [d.name for d in trained.domains]
+    if args.domain is None and len(names) > 1:
+        raise ConfigError(f"the model was trained on several domains {names}; choose one with --domain")
+    dom_i = names.index(args.domain) if args.domain else 0
+    dom = trained.domains[dom_i]
+    offset = sum(d.num_items for d in trained.domains[:dom_i])
+    index = {iid: i for i, iid in enumerate(dom.item_ids)}
+    if args.user:
+        users = {u: i for i, u in enumerate(dom.users)}
+        missing = [u for u in args.user if u not in users]
+        if missing:
+            raise DataError(f"users not in domain {dom.name!r}: {missing[:5]}")
+        rows = [(u, [dom.item_ids[i] for i in dom.sequences[users[u]]]) for u in args.user]
+    else:
+        rows = _read_histories(args.histories)
+    histories = []
+    for n, (_, hist) in enumerate(rows, 1):
+        ids = [str(h).split("/", 1)[1] if str(h).startswith(dom.name + "/") else str(h) for h in hist]
+        bad = [h for h in ids if h not in index]
+        if bad:
+            raise DataError(f"history {n}: items not in domain {dom.name!r}: {bad[:5]}")
+        histories.append(np.asarray([index[h] + offset for h in ids], dtype=np.int64))
+    keys = trained.item_keys()
+    all_text = [t for d in trained.domains for t in (d.item_text or [{}] * d.num_items)]
+    for start in range(0, len(histories), args.batch_size):
+        items, scores = trained.recommender.recommend(histories[start:start + args.batch_size], args.topk)
+        for r, (item_row, score_row) in enumerate(zip(items.tolist(), scores.tolist())):
+            user, hist = rows[start + r]
+            recs = [{"item": keys[i].split("/", 1)[1], "title": all_text[i].get("title", ""), "score": round(s, 6)}
+                    for i, s in zip(item_row, score_row) if i >= 0]
+            print(json.dumps({"user": user, "domain": dom.name, "history": [str(h) for h in hist],
+                              "recommendations": recs}))
+    return 0
+
+
 COMMANDS: list[tuple[Callable, Callable]] = [
     (_add_stats, _cmd_stats),
+    (_add_download_images, _cmd_download_images),
+    (_add_build_shards, _cmd_build_shards),
+    (_add_train_tokenizer, _cmd_train_tokenizer),
+    (_add_tokenize, _cmd_tokenize),
+    (_add_train_rec, _cmd_train_rec),
+    (_add_recommend, _cmd_recommend),
 ]
 
 
@@ -70,7 +343,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    # Commands that take ``--key value`` config overrides set ``_overrides=True`` (see _add_train_tokenizer);
+    # their unknown options arrive as ``args.overrides``; anywhere else they are an error as usual.
+    args, extra = parser.parse_known_args(argv)
+    if extra and not getattr(args, "_overrides", False):
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    args.overrides = extra
     if not getattr(args, "_run", None):
         parser.print_help()
         return 2

@@ -1,0 +1,434 @@
+"""Item shards: writer, manifest, reader (rank/worker split, shuffle, resume, bad samples), CLI, placeholders."""
+from __future__ import annotations
+
+import io
+import json
+import logging
+import tarfile
+from collections import Counter
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+from hypothesis import given, settings, strategies as st
+from PIL import Image
+from torch.utils.data import DataLoader
+from webdataset.tariterators import base_plus_ext
+
+import megarec.data.shard_reader as shard_reader
+from megarec.cli import main
+from megarec.data.domain import DataError, Domain
+from megarec.data.images import background_color, placeholder_bytes, placeholder_image
+from megarec.data.shards import (ShardDataset, ShardLoader, collate_items, load_manifest, safe_key, unsafe_key,
+                                 write_shards)
+from megarec.data.tar_samples import iter_samples
+from tests.dist import run_ranks
+
+LONG_ID = "long." + "x" * 150  # > 100 characters: needs a PAX header in the tar
+
+
+def make_domain(name: str, n_items: int, n_users: int = 12, seed: int = 0, text: bool = True,
+                ids: list[str] | None = None, images: list[str | None] | None = None) -> Domain:
+    rng = np.random.default_rng(seed)
+    seqs = [rng.integers(0, n_items, size=int(rng.integers(3, 8))) for _ in range(n_users)]
+    item_ids = ids or [f"{name.lower()}{i}" for i in range(n_items)]
+    return Domain(name, item_ids, [f"u{u}" for u in range(n_users)], seqs,
+                  item_text=[{"title": f"T{i} {name}", "brand": "é"} for i in range(n_items)] if text else None,
+                  item_image=images)
+
+
+def naive_positives(domain: Domain) -> list[list[str]]:
+    """Neighbours right before/after each item in the training part (all but the last two) of each sequence."""
+    nb: list[set[int]] = [set() for _ in range(domain.num_items)]
+    for seq in domain.sequences:
+        if len(seq) < 3:
+            continue
+        train = list(seq[:-2])
+        for a, b in zip(train, train[1:]):
+            if a != b:
+                nb[a].add(b)
+                nb[b].add(a)
+    return [[f"{domain.name}/{domain.item_ids[j]}" for j in sorted(s)] for s in nb]
+
+
+def keys_of(samples) -> list[str]:
+    return [s["key"] for s in samples]
+
+
+def read_slot(ds: ShardDataset, worker: int, monkeypatch) -> list[dict]:
+    """Iterate ``ds`` in this process as DataLoader worker ``worker`` of ``ds.workers``."""
+    info = SimpleNamespace(id=worker, num_workers=ds.workers)
+    monkeypatch.setattr(shard_reader, "get_worker_info", lambda: info)
+    try:
+        return list(ds)
+    finally:
+        monkeypatch.setattr(shard_reader, "get_worker_info", lambda: None)
+
+
+def read_rank_interleaved(ds: ShardDataset, monkeypatch) -> list:
+    """What a DataLoader over ``ds`` yields: round-robin over the workers' streams."""
+    streams = [read_slot(ds, w, monkeypatch) for w in range(ds.workers)]
+    return [s[i] for i in range(max(map(len, streams))) for s in streams if i < len(s)]
+
+
+@pytest.fixture(scope="module")
+def shards_31(tmp_path_factory) -> Path:
+    """31 items in shards of 7, 7, 7, 7, 3 (uneven), with 32 px placeholder images."""
+    out = tmp_path_factory.mktemp("s31")
+    write_shards(make_domain("A", 31), out, max_count=7, images="placeholder", image_size=32)
+    return out
+
+
+# ----------------------------------------------------------------------------- keys and placeholders
+@settings(max_examples=200, deadline=None)
+@given(st.text(min_size=1, max_size=40))
+def test_safe_key_round_trips_and_survives_webdataset_key_split(key):
+    safe = safe_key(key)
+    assert unsafe_key(safe) == key
+    assert base_plus_ext(safe + ".json") == (safe, "json")
+    assert not safe.startswith("_") and "." not in safe and "/" not in safe
+
+
+def test_safe_key_examples():
+    assert safe_key("Office/B00.5") == "Office%2FB00%2E5"
+    assert safe_key("_x%") == "%5Fx%25"
+
+
+def test_placeholder_is_deterministic_and_key_dependent():
+    a, b = placeholder_image("A/1", 64), placeholder_image("A/1", 64)
+    assert a.size == (64, 64) and a.mode == "RGB"
+    assert a.tobytes() == b.tobytes()
+    assert placeholder_image("A/2", 64).tobytes() != a.tobytes()
+    assert a.getpixel((0, 0)) == background_color("A/1") == a.getpixel((63, 63))
+    assert placeholder_bytes("A/1", 64) == placeholder_bytes("A/1", 64)
+    png = Image.open(io.BytesIO(placeholder_bytes("A/1", 64, fmt="png")))
+    assert png.format == "PNG" and png.convert("RGB").tobytes() == a.tobytes()
+    with pytest.raises(ValueError, match="size"):
+        placeholder_image("A/1", 8)
+    with pytest.raises(ValueError, match="format"):
+        placeholder_bytes("A/1", 64, fmt="gif")
+
+
+# ----------------------------------------------------------------------------- writer and manifest
+def test_round_trip_every_field(tmp_path):
+    img_dir = tmp_path / "img"
+    img_dir.mkdir()
+    ids = ["x.1", "a/b", "_u", "ü", LONG_ID, "plain"]
+    images: list[str | None] = []
+    for i in range(len(ids)):
+        if i % 2 == 0:
+            p = img_dir / f"{i}.png"
+            Image.fromarray(np.full((5, 7, 3), 40 * i, dtype=np.uint8)).save(p)
+            images.append(str(p))
+        else:
+            images.append(None)
+    a = make_domain("A", len(ids), ids=ids, images=images)
+    b = make_domain("B.2", 5, seed=1, text=False)
+    paths = write_shards([a, b], tmp_path / "out", max_count=4, images="files")
+    assert [p.name for p in paths] == ["items-000000.tar", "items-000001.tar", "items-000002.tar"]
+
+    got = {s["key"]: s for s in ShardDataset(tmp_path / "out", shuffle=False, rank=0, world_size=1)}
+    expected_pos = naive_positives(a) + naive_positives(b)
+    assert len(got) == 11
+    for g, (d, i) in enumerate([(a, i) for i in range(a.num_items)] + [(b, i) for i in range(b.num_items)]):
+        s = got[f"{d.name}/{d.item_ids[i]}"]
+        assert (s["domain"], s["item_id"]) == (d.name, d.item_ids[i])
+        assert s["text"] == (d.item_text[i] if d.item_text else {})
+        assert s["positives"] == expected_pos[g]
+        if d.image(i) is None:
+            assert s["image"] is None
+        else:
+            assert s["image"].tobytes() == Image.open(d.image(i)).convert("RGB").tobytes()
+    assert sum(bool(s["positives"]) for s in got.values()) > 0
+
+
+def test_placeholder_images_in_shards(shards_31):
+    ds = ShardDataset(shards_31, shuffle=False, rank=0, world_size=1)
+    for s in ds:
+        ref = Image.open(io.BytesIO(placeholder_bytes(s["key"], 32))).convert("RGB")
+        assert s["image"].size == (32, 32) and s["image"].tobytes() == ref.tobytes()
+    assert all(s["image"] is None for s in ShardDataset(shards_31, rank=0, world_size=1, load_images=False))
+
+
+def test_manifest_lists_shards_and_counts(shards_31, tmp_path):
+    m = load_manifest(shards_31)
+    assert m["num_items"] == 31 and m["images"] == "placeholder"
+    assert [s["count"] for s in m["shards"]] == [7, 7, 7, 7, 3]
+    assert m["domains"] == [{"name": "A", "items": 31, "has_text": True}]
+    for s in m["shards"]:
+        assert Path(s["path"]).stat().st_size == s["bytes"]
+        assert sum(1 for _ in iter_samples(s["path"])) == s["count"]
+    # size limit: every member is > 1 byte, so max_size=1 closes each shard after one item
+    assert len(write_shards(make_domain("A", 4), tmp_path / "one", max_size=1)) == 4
+
+
+def test_manifest_and_writer_errors(shards_31, tmp_path):
+    with pytest.raises(DataError, match="already holds shards"):
+        write_shards(make_domain("A", 3), shards_31)
+    with pytest.raises(DataError, match="no shard manifest"):
+        load_manifest(tmp_path)
+    with pytest.raises(DataError, match="images must be one of"):
+        write_shards(make_domain("A", 3), tmp_path / "x", images="jpeg")
+    with pytest.raises(DataError, match="not files on disk"):
+        write_shards(make_domain("A", 3, images=["http://x/1.jpg", None, None]), tmp_path / "x", images="files")
+    with pytest.raises(DataError, match="positives has 2 entries for 3 items"):
+        write_shards(make_domain("A", 3), tmp_path / "x", positives=[[], []])
+    bad = tmp_path / "bad"
+    write_shards(make_domain("A", 5), bad, max_count=2)
+    man = json.loads((bad / "index.json").read_text())
+    (bad / "index.json").write_text(json.dumps({**man, "num_items": 6}))
+    with pytest.raises(DataError, match="num_items 6 but the shards hold 5"):
+        load_manifest(bad)
+    (bad / "index.json").write_text(json.dumps(man))
+    (bad / "items-000001.tar").unlink()
+    with pytest.raises(DataError, match="items-000001.tar is missing"):
+        load_manifest(bad)
+    (bad / "index.json").write_text("{broken")
+    with pytest.raises(DataError, match="index.json: broken JSON"):
+        load_manifest(bad)
+
+
+# ----------------------------------------------------------------------------- rank / worker split
+@pytest.mark.parametrize("world,workers", [(1, 1), (2, 2), (3, 2), (4, 3), (3, 8), (4, 16)])
+def test_split_pad_and_drop_give_equal_counts(shards_31, monkeypatch, world, workers):
+    slots = world * workers
+    for uneven in ("pad", "drop") if slots <= 31 else ("pad",):  # more slots than items: only pad works
+        per_rank = []
+        for rank in range(world):
+            ds = ShardDataset(shards_31, rank=rank, world_size=world, num_workers=workers, uneven=uneven,
+                              seed=3, load_images=False, batch_size=2)
+            batches = [b for w in range(workers) for b in read_slot(ds, w, monkeypatch)]
+            assert len(batches) == len(ds)
+            per_rank.append([k for b in batches for k in b["key"]])
+        assert len({len(k) for k in per_rank}) == 1  # same samples (and batches) on every rank
+        seen = Counter(k for keys in per_rank for k in keys)
+        if uneven == "pad":
+            assert set(seen) == {f"A/a{i}" for i in range(31)}
+            assert sum(seen.values()) == -(-31 // slots) * slots
+        else:
+            assert max(seen.values()) == 1 and sum(seen.values()) == 31 // slots * slots
+
+
+def test_two_ranks_two_dataloader_workers_see_each_item_once(tmp_path):
+    out = tmp_path / "s"
+    write_shards(make_domain("A", 36), out, max_count=5, images="placeholder", image_size=16)  # 8 uneven shards
+    seen = Counter()
+    batches = []
+    for rank in range(2):
+        ds = ShardDataset(out, rank=rank, world_size=2, num_workers=2, batch_size=4, seed=1)
+        got = list(DataLoader(ds, batch_size=None, num_workers=2, collate_fn=lambda b: b))
+        batches.append(len(got))
+        for b in got:
+            assert len(b["image"]) == len(b["key"]) and b["has_image"].all()
+            seen.update(b["key"])
+    assert batches == [len(ds)] * 2
+    assert seen == Counter({f"A/a{i}": 1 for i in range(36)})
+
+
+def test_num_workers_mismatch_is_an_error(shards_31):
+    ds = ShardDataset(shards_31, rank=0, world_size=1, num_workers=1)
+    with pytest.raises(ValueError, match="num_workers=1"):
+        list(DataLoader(ds, batch_size=None, num_workers=2))
+    with pytest.raises(DataError, match="cannot fill"):
+        ShardDataset(shards_31, rank=0, world_size=8, num_workers=4, uneven="drop")
+    with pytest.raises(ValueError, match="on_bad_sample"):
+        ShardDataset(shards_31, on_bad_sample="ignore")
+
+
+def _rank_keys(rank, world, path):
+    ds = ShardDataset(path, batch_size=3, load_images=False)  # rank and world from torch.distributed
+    return (ds.rank, ds.world_size, [k for b in ds for k in b["key"]])
+
+
+def test_real_two_process_split(shards_31):
+    results = run_ranks(_rank_keys, world_size=2, args=(str(shards_31),))
+    assert [r[:2] for r in results] == [(0, 2), (1, 2)]
+    assert len(results[0][2]) == len(results[1][2]) == 16
+    seen = Counter(k for r in results for k in r[2])
+    assert set(seen) == {f"A/a{i}" for i in range(31)} and sum(seen.values()) == 32
+
+
+# ----------------------------------------------------------------------------- shuffle and resume
+def test_shuffle_is_seeded_and_changes_with_epoch(shards_31):
+    def order(seed, epoch, **kw):
+        ds = ShardDataset(shards_31, rank=0, world_size=1, seed=seed, buffer_size=5, load_images=False, **kw)
+        ds.set_epoch(epoch)
+        return keys_of(ds)
+
+    e0 = order(0, 0)
+    assert e0 == order(0, 0)
+    assert sorted(e0) == sorted(order(0, 1)) == sorted(f"A/a{i}" for i in range(31))
+    assert e0 != order(0, 1) and e0 != order(1, 0)
+    assert order(0, 0, shuffle=False) == [f"A/a{i}" for i in range(31)]
+    # iterating in this process moves on to the next epoch
+    ds = ShardDataset(shards_31, rank=0, world_size=1, buffer_size=5, load_images=False)
+    assert keys_of(ds) == e0 and keys_of(ds) == order(0, 1) and ds.epoch == 2
+
+
+@pytest.mark.parametrize("stop", [0, 5, 11, 16])
+def test_resume_mid_epoch_in_process(shards_31, monkeypatch, stop):
+    def make():
+        return ShardDataset(shards_31, rank=1, world_size=2, num_workers=2, buffer_size=4, seed=7,
+                            load_images=False)
+
+    ds = make()
+    ds.set_epoch(3)
+    full = keys_of(read_rank_interleaved(ds, monkeypatch))
+    resumed = make()
+    resumed.load_state_dict({**resumed._fingerprint(), "epoch": 3, "consumed": stop})
+    assert keys_of(read_rank_interleaved(resumed, monkeypatch)) == full[stop:]
+
+
+def test_resume_from_state_dict_in_process(shards_31):
+    def make():
+        return ShardDataset(shards_31, rank=0, world_size=1, batch_size=4, buffer_size=6, load_images=False)
+
+    ds = make()
+    ds.set_epoch(2)
+    full = [b["key"] for b in ds]
+    ds = make()
+    ds.set_epoch(2)
+    it = iter(ds)
+    head = [next(it)["key"] for _ in range(3)]
+    state = ds.state_dict()
+    assert (state["epoch"], state["consumed"]) == (2, 3)
+    again = make()
+    again.load_state_dict(state)
+    assert head + [b["key"] for b in again] == full and again.epoch == 3
+    with pytest.raises(RuntimeError, match="ShardLoader"):
+        ShardDataset(shards_31, rank=0, world_size=1, num_workers=2).state_dict()
+    with pytest.raises(ValueError, match="cannot resume at 99"):
+        make().load_state_dict({**state, "consumed": 99})
+
+
+def test_loader_resume_with_worker_processes(shards_31):
+    def make():
+        return ShardLoader(ShardDataset(shards_31, rank=0, world_size=1, num_workers=2, batch_size=3,
+                                        buffer_size=6, load_images=False))
+
+    loader = make()
+    epoch0 = [b["key"] for b in loader]
+    epoch1 = [b["key"] for b in loader]
+    assert len(epoch0) == len(loader) == 12 and epoch0 != epoch1
+
+    first = make()
+    it = iter(first)
+    head = [next(it)["key"] for _ in range(5)]
+    state = first.state_dict()
+    assert state["epoch"] == 0 and state["consumed"] == 5
+    again = make()
+    again.load_state_dict(state)
+    assert head + [b["key"] for b in again] == epoch0
+    assert [b["key"] for b in again] == epoch1  # and the next epoch continues as uninterrupted
+    with pytest.raises(ValueError, match="batch_size"):
+        make().load_state_dict({**state, "batch_size": 4})
+
+
+# ----------------------------------------------------------------------------- bad samples
+@pytest.fixture()
+def bad_shards(tmp_path) -> Path:
+    """12 items in shards of 4; item a5's image file is garbage; a9's JSON and a2..a3's tar header get corrupted."""
+    img_dir = tmp_path / "img"
+    img_dir.mkdir()
+    images = []
+    for i in range(12):
+        p = img_dir / f"{i}.jpg"
+        p.write_bytes(b"this is not an image" if i == 5 else placeholder_bytes(f"A/a{i}", 16))
+        images.append(str(p))
+    out = tmp_path / "bad"
+    write_shards(make_domain("A", 12, images=images), out, max_count=4, images="files")
+    # a9: break its JSON (same length, data only: the tar stays valid)
+    shard = out / "items-000002.tar"
+    raw = bytearray(shard.read_bytes())
+    at = raw.index(b'{"key": "A/a9"')
+    raw[at] = ord("x")
+    shard.write_bytes(bytes(raw))
+    # a2: corrupt the header of its first member; the rest of shard 0 (a2, a3) becomes unreadable
+    shard = out / "items-000000.tar"
+    with tarfile.open(shard) as tf:
+        offset = next(m.offset for m in tf.getmembers() if m.name.startswith("A%2Fa2."))
+    raw = bytearray(shard.read_bytes())
+    raw[offset + 10] ^= 0xFF
+    shard.write_bytes(bytes(raw))
+    return out
+
+
+class _Lines(logging.Handler):
+    def __init__(self):
+        super().__init__()
+        self.lines: list[str] = []
+
+    def emit(self, record):
+        self.lines.append(record.getMessage())
+
+
+def test_bad_samples_are_skipped_counted_and_logged(bad_shards):
+    handler = _Lines()
+    logging.getLogger("megarec.shards").addHandler(handler)
+    try:
+        ds = ShardDataset(bad_shards, rank=0, world_size=1, shuffle=False)
+        keys = keys_of(ds)
+    finally:
+        logging.getLogger("megarec.shards").removeHandler(handler)
+    assert ds.bad_samples == 4
+    assert len(keys) == 12  # substitutes keep the count (and every rank's batch count) unchanged
+    assert not {"A/a2", "A/a3", "A/a5", "A/a9"} & set(keys)
+    assert keys[:4] == ["A/a0", "A/a1", "A/a1", "A/a1"] and keys[5] == "A/a4" and keys[9] == "A/a8"
+    log = "\n".join(handler.lines)
+    assert "checksum mismatch" in log and "undecodable .jpg image" in log and "broken JSON" in log
+    assert "4 bad samples skipped" in log or "4 in total" in log
+
+
+def test_bad_samples_fail_when_asked(bad_shards):
+    with pytest.raises(DataError, match="corrupt tar header"):
+        list(ShardDataset(bad_shards, rank=0, world_size=1, shuffle=False, on_bad_sample="fail"))
+    ds = ShardDataset(bad_shards, rank=1, world_size=2, shuffle=False, on_bad_sample="fail")  # a6..a11
+    with pytest.raises(DataError, match=r"'A%2Fa9'.*broken JSON"):
+        list(ds)
+
+
+def test_truncated_shard_counts_lost_samples(tmp_path):
+    out = tmp_path / "t"
+    write_shards(make_domain("A", 6), out, max_count=6)
+    shard = out / "items-000000.tar"
+    shard.write_bytes(shard.read_bytes()[:2600])  # a0, a1 complete (header + one data block each), a2 cut
+    ds = ShardDataset(out, rank=0, world_size=1, shuffle=False)
+    keys = keys_of(ds)
+    assert len(keys) == 6 and ds.bad_samples == 6 - len(set(keys)) > 0
+    assert keys[0] == "A/a0"
+
+
+def test_loader_sums_bad_samples_over_workers(bad_shards):
+    loader = ShardLoader(ShardDataset(bad_shards, rank=0, world_size=1, num_workers=2, batch_size=2))
+    assert sum(len(b["key"]) for b in loader) == 12
+    assert loader.bad_samples == 4
+
+
+def test_collate_stacks_tensor_images():
+    import torch
+    batch = collate_items([
+        {"key": "A/1", "domain": "A", "item_id": "1", "text": {}, "positives": [], "image": torch.ones(3, 2, 2)},
+        {"key": "A/2", "domain": "A", "item_id": "2", "text": {}, "positives": ["A/1"], "image": None},
+    ])
+    assert batch["image"].shape == (2, 3, 2, 2) and batch["image"][1].sum() == 0
+    assert batch["has_image"].tolist() == [True, False] and batch["positives"] == [[], ["A/1"]]
+
+
+# ----------------------------------------------------------------------------- CLI
+def test_cli_build_shards(tmp_path, capsys):
+    d = tmp_path / "Toys"
+    d.mkdir()
+    (d / "Toys.inter.json").write_text(json.dumps({f"u{u}": [u % 4, (u + 1) % 4, (u + 2) % 4, 4] for u in range(6)}))
+    (d / "Toys.item.json").write_text(json.dumps({str(i): {"title": f"toy {i}"} for i in range(5)}))
+    out = tmp_path / "shards"
+    args = ["build-shards", str(d), "--out", str(out), "--max-count", "2", "--images", "placeholder",
+            "--image-size", "24"]
+    assert main(args) == 0
+    assert "5 items in 3 shards" in capsys.readouterr().out
+    got = {s["key"]: s for s in ShardDataset(out, rank=0, world_size=1)}
+    assert got["Toys/1"]["text"] == {"title": "toy 1"} and got["Toys/4"]["image"].size == (24, 24)
+    assert got["Toys/1"]["positives"] == ["Toys/0", "Toys/2"]
+    assert main(args) == 2
+    assert "already holds shards" in capsys.readouterr().err
+    assert main(args + ["--overwrite"]) == 0
