@@ -1,0 +1,125 @@
+"""The recommender's token vocabulary over semantic-ID codes.
+
+Every (level, code) pair is its own token, so the same code value at two
+levels is two different tokens (TIGER Sec. 3.2; UTGRec/ETEGRec/UniGRec use the
+same layout):
+
+    PAD = 0, EOS = 1, token(l, c) = 2 + sum(K_0 .. K_{l-1}) + c
+
+TIGER's dedup level is simply one more level with its own size. The vocabulary
+also turns item histories into encoder inputs (flattened codes, right-padded)
+and scatters per-level soft-code probabilities into vocabulary space
+(UniGRec Eq. 15).
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+import numpy as np
+import torch
+
+from megarec.data.domain import DataError
+
+PAD = 0
+EOS = 1
+NUM_SPECIAL = 2
+
+
+class CodeVocab:
+    """Token ids for ``len(codebook_sizes)`` code levels plus PAD and EOS."""
+
+    PAD = PAD
+    EOS = EOS
+
+    def __init__(self, codebook_sizes: Sequence[int]) -> None:
+        sizes = [int(k) for k in codebook_sizes]
+        if not sizes or any(k < 1 for k in sizes):
+            raise DataError(f"codebook sizes must be a non-empty list of positive ints, got {list(codebook_sizes)}")
+        self.codebook_sizes = sizes
+        self.offsets = np.concatenate([[0], np.cumsum(sizes)[:-1]]).astype(np.int64) + NUM_SPECIAL
+        self.vocab_size = NUM_SPECIAL + int(sum(sizes))
+
+    @property
+    def num_levels(self) -> int:
+        return len(self.codebook_sizes)
+
+    def __repr__(self) -> str:
+        return f"CodeVocab(codebook_sizes={self.codebook_sizes}, vocab_size={self.vocab_size})"
+
+    def level_range(self, level: int) -> tuple[int, int]:
+        """``(start, end)``: level ``level``'s tokens are ``start .. end - 1``."""
+        if not 0 <= level < self.num_levels:
+            raise IndexError(f"level {level} outside 0..{self.num_levels - 1}")
+        start = int(self.offsets[level])
+        return start, start + self.codebook_sizes[level]
+
+    def item_tokens(self, codes: np.ndarray) -> np.ndarray:
+        """Codes ``[N, L]`` -> token ids ``[N, L]`` int64 (clear error on a code outside its codebook)."""
+        codes = np.asarray(codes)
+        if codes.ndim != 2 or codes.shape[1] != self.num_levels:
+            raise DataError(f"codes must be [num_items, {self.num_levels}], got shape {codes.shape}")
+        codes = codes.astype(np.int64)
+        if codes.size:
+            bad = (codes < 0) | (codes >= np.asarray(self.codebook_sizes))
+            if bad.any():
+                row, level = map(int, np.argwhere(bad)[0])
+                raise DataError(f"item {row}: code {int(codes[row, level])} at level {level} is outside "
+                                f"[0, {self.codebook_sizes[level]})")
+        return codes + self.offsets
+
+    def token_codes(self, tokens: np.ndarray) -> np.ndarray:
+        """Inverse of :meth:`item_tokens`: token ids ``[N, L]`` -> codes ``[N, L]``."""
+        tokens = np.asarray(tokens, dtype=np.int64)
+        codes = tokens - self.offsets
+        if tokens.size and ((codes < 0) | (codes >= np.asarray(self.codebook_sizes))).any():
+            raise DataError("a token does not belong to the code level at its position")
+        return codes
+
+    def encode_histories(self, histories: Sequence[np.ndarray], item_tokens: np.ndarray, *,
+                         max_items: int | None = None, append_eos: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+        """Item-index histories -> encoder ``(input_ids, attention_mask)`` ``[B, T]``, right-padded with PAD.
+
+        Each history (oldest first) keeps its last ``max_items`` items, is flattened
+        to their L tokens each and, with ``append_eos``, ends with EOS. ``T`` is the
+        longest row. ``item_tokens`` is :meth:`item_tokens` of the whole catalogue.
+        """
+        item_tokens = np.asarray(item_tokens, dtype=np.int64)
+        rows = []
+        for h in histories:
+            h = np.asarray(h, dtype=np.int64)
+            if max_items is not None:
+                h = h[len(h) - min(len(h), max_items):]
+            if h.size and (h.min() < 0 or h.max() >= len(item_tokens)):
+                raise DataError(f"history item index outside 0..{len(item_tokens) - 1}")
+            row = item_tokens[h].reshape(-1)
+            rows.append(np.concatenate([row, [EOS]]) if append_eos else row)
+        width = max((len(r) for r in rows), default=0) or 1
+        ids = np.full((len(rows), width), PAD, dtype=np.int64)
+        mask = np.zeros((len(rows), width), dtype=np.int64)
+        for i, r in enumerate(rows):
+            ids[i, :len(r)] = r
+            mask[i, :len(r)] = 1
+        return torch.from_numpy(ids), torch.from_numpy(mask)
+
+    def scatter_level_probs(self, level_probs: Sequence[torch.Tensor]) -> torch.Tensor:
+        """Per-level code probabilities ``[..., K_l]`` -> vocabulary-space rows ``[..., L, V]`` (UniGRec Eq. 15).
+
+        ``scatter(0, {p_l(k)})``: level l's probabilities go to its token positions,
+        zeros elsewhere. Differentiable in the probabilities. Flatten the result's
+        ``L`` axis into the sequence axis to build a soft history.
+        """
+        if len(level_probs) != self.num_levels:
+            raise ValueError(f"expected {self.num_levels} levels of probabilities, got {len(level_probs)}")
+        lead = level_probs[0].shape[:-1]
+        out = level_probs[0].new_zeros(*lead, self.num_levels, self.vocab_size)
+        for level, p in enumerate(level_probs):
+            start, end = self.level_range(level)
+            if p.shape[-1] != end - start or p.shape[:-1] != lead:
+                raise ValueError(f"level {level}: expected probabilities [..., {end - start}] with leading shape "
+                                 f"{tuple(lead)}, got {tuple(p.shape)}")
+            out[..., level, start:end] = p
+        return out
+
+    def one_hot(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Token ids ``[...]`` -> one-hot float rows ``[..., V]`` (the hard limit of soft inputs)."""
+        return torch.nn.functional.one_hot(tokens.long(), self.vocab_size).float()

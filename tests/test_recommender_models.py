@@ -1,0 +1,243 @@
+"""Code vocabulary, T5 generative recommender (hard + soft inputs), SASRec and its embedding export."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from megarec.config import ConfigError, load_config
+from megarec.data.code_vocab import CodeVocab
+from megarec.data.domain import DataError
+from megarec.data.embeddings import load_item_embeddings
+from megarec.recommender.sasrec import SASRec, SASRecConfig, export_item_embeddings, pad_histories
+from megarec.recommender.t5 import GenerativeRecommender, T5RecConfig
+
+TINY = T5RecConfig(num_layers=2, num_decoder_layers=2, d_model=16, d_ff=32, num_heads=2, d_kv=8, dropout=0.0)
+
+
+# --------------------------------------------------------------------------- vocabulary
+@pytest.mark.parametrize("sizes", [[4, 5, 3], [7], [2, 3, 4, 5]])
+def test_vocab_token_layout(sizes):
+    v = CodeVocab(sizes)
+    assert v.vocab_size == 2 + sum(sizes) and v.num_levels == len(sizes)
+    seen = set()
+    for level, k in enumerate(sizes):
+        start, end = v.level_range(level)
+        assert end - start == k and start == 2 + sum(sizes[:level])
+        seen |= set(range(start, end))
+    assert seen == set(range(2, v.vocab_size))
+    rng = np.random.default_rng(0)
+    codes = np.stack([rng.integers(0, k, 20) for k in sizes], 1)
+    tok = v.item_tokens(codes)
+    for level in range(len(sizes)):
+        assert (tok[:, level] == 2 + sum(sizes[:level]) + codes[:, level]).all()
+    np.testing.assert_array_equal(v.token_codes(tok), codes)
+
+
+def test_vocab_rejects_bad_codes():
+    v = CodeVocab([4, 5])
+    with pytest.raises(DataError, match="item 1: code 5 at level 1"):
+        v.item_tokens(np.array([[0, 0], [1, 5]]))
+    with pytest.raises(DataError, match="num_items, 2"):
+        v.item_tokens(np.zeros((3, 3), dtype=int))
+    with pytest.raises(DataError):
+        CodeVocab([])
+    with pytest.raises(IndexError):
+        v.level_range(2)
+
+
+def test_encode_histories_right_padded_with_eos():
+    v = CodeVocab([3, 3])
+    tok = v.item_tokens(np.array([[0, 1], [2, 2], [1, 0]]))
+    ids, mask = v.encode_histories([np.array([0, 1, 2]), np.array([2])], tok, max_items=2)
+    assert ids.tolist() == [[tok[1, 0], tok[1, 1], tok[2, 0], tok[2, 1], 1], [tok[2, 0], tok[2, 1], 1, 0, 0]]
+    assert mask.tolist() == [[1, 1, 1, 1, 1], [1, 1, 1, 0, 0]]
+    with pytest.raises(DataError, match="outside"):
+        v.encode_histories([np.array([3])], tok)
+
+
+def test_scatter_level_probs_places_each_level():
+    v = CodeVocab([2, 3])
+    p0 = torch.tensor([[0.25, 0.75]], requires_grad=True)
+    p1 = torch.tensor([[0.5, 0.2, 0.3]], requires_grad=True)
+    out = v.scatter_level_probs([p0, p1])
+    assert out.shape == (1, 2, 7)
+    assert out[0, 0].tolist() == [0, 0, 0.25, 0.75, 0, 0, 0]
+    assert torch.allclose(out[0, 1], torch.tensor([0, 0, 0, 0, 0.5, 0.2, 0.3]))
+    (out * torch.arange(7.0)).sum().backward()
+    assert p0.grad.tolist() == [[2.0, 3.0]] and p1.grad.tolist() == [[4.0, 5.0, 6.0]]
+    with pytest.raises(ValueError, match="level 1"):
+        v.scatter_level_probs([p0, p0])
+
+
+# --------------------------------------------------------------------------- T5
+def _batch(v: CodeVocab, seed: int = 0):
+    rng = np.random.default_rng(seed)
+    codes = np.stack([rng.integers(0, k, 12) for k in v.codebook_sizes], 1)
+    tok = v.item_tokens(codes)
+    ids, mask = v.encode_histories([rng.integers(0, 12, n) for n in (4, 2, 3)], tok)
+    labels = torch.from_numpy(tok[rng.integers(0, 12, 3)])
+    return tok, ids, mask, labels
+
+
+def test_t5_config_defaults_and_validation():
+    cfg = T5RecConfig()
+    assert (cfg.num_layers, cfg.num_decoder_layers, cfg.d_model, cfg.d_ff, cfg.num_heads) == (6, 6, 128, 512, 4)
+    assert load_config(T5RecConfig, overrides=["--num_layers", "3"]).num_layers == 3
+    with pytest.raises(ConfigError, match="dropout"):
+        load_config(T5RecConfig, overrides=["--dropout", "1.5"])
+    m = GenerativeRecommender(T5RecConfig(), CodeVocab([8, 8, 8]))
+    assert len(m.t5.encoder.block) == 6 and len(m.t5.decoder.block) == 6
+    assert m.t5.config.decoder_start_token_id == 0 and m.t5.config.vocab_size == 26
+
+
+def test_t5_hard_path_is_hf_t5_and_loss_is_mean_token_ce():
+    v = CodeVocab([4, 5, 3])
+    torch.manual_seed(0)
+    m = GenerativeRecommender(TINY, v).eval()
+    _, ids, mask, labels = _batch(v)
+    out = m(ids, mask, labels)
+    ref = m.t5(input_ids=ids, attention_mask=mask, labels=labels)
+    torch.testing.assert_close(out.logits, ref.logits, rtol=0, atol=0)
+    assert out.logits.shape == (3, 3, v.vocab_size)
+    ce = -out.logits.log_softmax(-1).gather(-1, labels.unsqueeze(-1)).mean()
+    torch.testing.assert_close(out.loss, ce)
+    # the decoder reads [PAD, y1, y2]: changing the last label cannot change position 0's logits
+    other = labels.clone()
+    other[:, -1] = v.level_range(2)[0]
+    torch.testing.assert_close(m(ids, mask, other).logits[:, 0], out.logits[:, 0])
+
+
+def test_t5_soft_one_hot_equals_hard():
+    v = CodeVocab([4, 5, 3])
+    torch.manual_seed(1)
+    m = GenerativeRecommender(TINY, v).eval()
+    _, ids, mask, labels = _batch(v, seed=1)
+    hard = m(ids, mask, labels, output_hidden_states=True)
+    soft = m(None, mask, labels, soft_inputs=v.one_hot(ids), decoder_soft_inputs=v.one_hot(labels),
+             output_hidden_states=True)
+    torch.testing.assert_close(soft.logits, hard.logits, rtol=0, atol=0)
+    torch.testing.assert_close(soft.encoder_last_hidden_state, hard.encoder_last_hidden_state, rtol=0, atol=0)
+    assert len(hard.decoder_hidden_states) == TINY.num_decoder_layers + 1
+    enc = m.encode(ids, mask)
+    torch.testing.assert_close(enc.last_hidden_state, hard.encoder_last_hidden_state)
+
+
+def test_t5_soft_inputs_are_probability_weighted_embeddings_with_gradient():
+    v = CodeVocab([4, 5, 3])
+    torch.manual_seed(2)
+    m = GenerativeRecommender(TINY, v).eval()
+    _, ids, mask, labels = _batch(v, seed=2)
+    logits = torch.randn(ids.shape[0], ids.shape[1], v.vocab_size, requires_grad=True)
+    probs = logits.softmax(-1)
+    emb = m.embed(soft_inputs=probs)
+    torch.testing.assert_close(emb, torch.einsum("btv,vd->btd", probs, m.embedding.weight))
+    m(None, mask, labels, soft_inputs=probs).loss.backward()
+    assert logits.grad is not None and logits.grad.abs().sum() > 0
+    with pytest.raises(ValueError, match="vocab_size"):
+        m.embed(soft_inputs=probs[..., :-1])
+    with pytest.raises(ValueError, match="exactly one"):
+        m(ids, mask, labels, soft_inputs=probs)
+
+
+def test_t5_sequence_log_probs_matches_teacher_forcing():
+    v = CodeVocab([3, 2, 2])
+    torch.manual_seed(3)
+    m = GenerativeRecommender(TINY, v).eval()
+    tok, ids, mask, _ = _batch(v, seed=3)
+    items = torch.from_numpy(tok[:5])
+    lp = m.sequence_log_probs(ids, mask, items)
+    for b in range(ids.shape[0]):
+        for n in range(5):
+            out = m(ids[b:b + 1], mask[b:b + 1], items[n:n + 1])
+            want = out.logits.log_softmax(-1)[0, torch.arange(3), items[n]].sum()
+            torch.testing.assert_close(lp[b, n], want, rtol=1e-5, atol=1e-5)
+
+
+# --------------------------------------------------------------------------- SASRec
+SMALL = SASRecConfig(hidden=16, num_layers=1, num_heads=2, inner=32, dropout=0.0, max_len=6)
+
+
+def test_sasrec_causal_and_padding_side():
+    torch.manual_seed(0)
+    m = SASRec(9, SMALL).eval()
+    hist = [np.array([3, 1, 4]), np.array([5, 8, 2, 0, 7])]
+    left, right = pad_histories(hist, 6), pad_histories(hist, 6, left=False)
+    assert left[0].tolist() == [0, 0, 0, 4, 2, 5] and right[0].tolist() == [4, 2, 5, 0, 0, 0]
+    torch.testing.assert_close(m(left), m(right), rtol=1e-5, atol=1e-5)
+    # causal: the state after a prefix does not depend on later items
+    states = m.hidden_states(right)
+    changed = right.clone()
+    changed[1, 4] = 1
+    torch.testing.assert_close(m.hidden_states(changed)[1, :4], states[1, :4])
+    assert not torch.allclose(m.hidden_states(changed)[1, 4], states[1, 4])
+    # single-item rows work too and give no NaN
+    assert torch.isfinite(m(pad_histories([np.array([2])], 6))).all()
+    with pytest.raises(ValueError, match="at least one item"):
+        m(torch.zeros(1, 6, dtype=torch.long))
+    with pytest.raises(ValueError, match="T<=6"):
+        m(torch.ones(1, 7, dtype=torch.long))
+    assert m.scores(left).shape == (2, 9)
+    torch.testing.assert_close(m.scores(left), m(left) @ m.item_emb.weight[1:].T)
+
+
+def test_sasrec_config_validation():
+    with pytest.raises(ConfigError, match="divisible"):
+        load_config(SASRecConfig, overrides=["--hidden", "63"])
+    cfg = SASRecConfig()
+    assert (cfg.hidden, cfg.num_layers, cfg.num_heads, cfg.inner, cfg.dropout, cfg.max_len) == (64, 2, 2, 256, 0.5, 50)
+
+
+def test_sasrec_learns_a_toy_pattern():
+    """Item i is always followed by item (i + 1) mod n: CE falls and the next item ranks first."""
+    torch.manual_seed(0)
+    n = 20
+    m = SASRec(n, SASRecConfig(hidden=32, num_layers=1, num_heads=2, inner=64, dropout=0.1, max_len=5))
+    rng = np.random.default_rng(0)
+    starts = rng.integers(0, n, 256)
+    lengths = rng.integers(1, 6, 256)
+    hist = pad_histories([(s + np.arange(L)) % n for s, L in zip(starts, lengths)], 5)
+    target = torch.from_numpy((starts + lengths) % n)
+    opt = torch.optim.Adam(m.parameters(), lr=1e-2)
+    losses = []
+    for _ in range(60):
+        opt.zero_grad()
+        loss = m.loss(hist, target)
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert losses[-1] < 0.3 * losses[0]
+    m.eval()
+    acc = (m.scores(hist).argmax(1) == target).float().mean().item()
+    assert acc > 0.9
+
+
+def test_sasrec_embedding_export_round_trip(tmp_path):
+    torch.manual_seed(0)
+    m = SASRec(7, SMALL)
+    keys = [f"toys/i{i}" for i in range(7)]
+    export_item_embeddings(m, keys, tmp_path / "emb.safetensors")
+    emb, ekeys = load_item_embeddings(tmp_path / "emb.safetensors", keys[::-1])
+    assert ekeys == keys[::-1]
+    torch.testing.assert_close(emb, m.item_emb.weight[1:].detach().flip(0))
+    with pytest.raises(ValueError, match="item keys"):
+        export_item_embeddings(m, keys[:3], tmp_path / "x.safetensors")
+
+
+def test_export_embeddings_command(tmp_path, capsys):
+    """`megarec export-embeddings RUN --out F` on a (tiny) trained SASRec run of the embedded sample."""
+    from megarec.cli import main
+    from megarec.data.sample import sample_paths
+    from megarec.train_rec import load_trained
+
+    run = tmp_path / "run"
+    assert main(["train-rec", "--method", "sasrec", "--profile", "tiny", "--data.paths", str(sample_paths()[0]),
+                 "--train.run_dir", str(run)]) == 0
+    assert main(["export-embeddings", str(run), "--out", str(tmp_path / "sasrec.safetensors")]) == 0
+    trained = load_trained(run)
+    emb, keys = load_item_embeddings(tmp_path / "sasrec.safetensors")
+    assert keys == trained.item_keys() and keys[0].startswith("Scientific/")
+    torch.testing.assert_close(emb, trained.recommender.ranker.model.item_embeddings().detach())
+    capsys.readouterr()
+    assert main(["export-embeddings", str(tmp_path), "--out", str(tmp_path / "x.safetensors")]) == 2
+    assert "not a trained model" in capsys.readouterr().err
