@@ -35,23 +35,36 @@ def barrier() -> None:
         dist.barrier()
 
 
+def gather_sizes(n: int, device: torch.device | str = "cpu") -> list[int]:
+    """Every rank's ``n`` (e.g. its local batch size), in rank order; ``[n]`` when not distributed.
+
+    ``device`` must suit the backend (a CUDA device under nccl).
+    """
+    if not is_dist():
+        return [int(n)]
+    size = torch.tensor([int(n)], device=device, dtype=torch.long)
+    sizes = [torch.zeros_like(size) for _ in range(dist.get_world_size())]
+    dist.all_gather(sizes, size)
+    return [int(s.item()) for s in sizes]
+
+
 class _AllGatherWithGrad(torch.autograd.Function):
     """All-gather along dim 0 whose backward routes each rank's slice of the
     summed gradient back to that rank (the open_clip / SimCLR pattern).
 
-    Every rank computes the loss on the *whole* gathered batch, so the gradient
-    w.r.t. the gathered tensor must be summed over ranks before slicing: the
-    result equals the gradient of one process holding the concatenated batch.
-    Ranks may hold different batch sizes.
+    Every rank's loss may use every rank's rows, so the gradient w.r.t. rank s's
+    rows is the sum over ranks of their losses' gradients: backward all-reduces
+    (sums) the gathered gradient and returns this rank's slice. After DDP /
+    DeepSpeed average the parameter gradients, they are the gradients of the
+    mean over ranks of the per-rank losses (``megarec.kernels.infonce`` scales
+    its loss so that this mean is the single-process loss on the concatenated
+    batch). Ranks may hold different batch sizes.
     """
 
     @staticmethod
     def forward(ctx, x: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
         world = dist.get_world_size()
-        sizes = torch.tensor([x.shape[0]], device=x.device, dtype=torch.long)
-        all_sizes = [torch.zeros_like(sizes) for _ in range(world)]
-        dist.all_gather(all_sizes, sizes)
-        counts = [int(s.item()) for s in all_sizes]
+        counts = gather_sizes(x.shape[0], x.device)
         max_n = max(counts)
         padded = x.new_zeros((max_n,) + tuple(x.shape[1:]))
         padded[: x.shape[0]] = x

@@ -9,6 +9,7 @@ Each rank's return value comes back in rank order; an exception in any rank fail
 from __future__ import annotations
 
 import os
+import pickle
 import socket
 import traceback
 from typing import Any, Callable
@@ -29,7 +30,9 @@ def _worker(rank: int, world: int, port: int, fn: Callable, args: tuple, queue) 
     try:
         dist.init_process_group("gloo", rank=rank, world_size=world)
         out = fn(rank, world, *args)
-        queue.put((rank, True, out))
+        # plain pickle copies tensor data: multiprocessing's reducer would pass shared-memory
+        # handles that die with this process
+        queue.put((rank, True, pickle.dumps(out)))
     except BaseException:  # report every failure, including assertion errors
         queue.put((rank, False, traceback.format_exc()))
     finally:
@@ -48,7 +51,7 @@ def run_ranks(fn: Callable, world_size: int = 2, args: tuple = (), timeout: floa
     errors = []
     for _ in range(world_size):
         rank, ok, out = queue.get(timeout=timeout)
-        (results.__setitem__(rank, out) if ok else errors.append(f"rank {rank}:\n{out}"))
+        (results.__setitem__(rank, pickle.loads(out)) if ok else errors.append(f"rank {rank}:\n{out}"))
     for p in procs:
         p.join(timeout=30)
     if errors:
