@@ -18,6 +18,7 @@ setup(
         "numpy",
         "tensorboard",
         "safetensors",
+        "scipy",
         "tqdm",
         "pyyaml",
         "pillow",

@@ -321,6 +321,33 @@ def _cmd_recommend(args: argparse.Namespace) -> int:
     return 0
 
 
+# --------------------------------------------------------------------------- export-embeddings
+def _add_export_embeddings(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    p = sub.add_parser("export-embeddings", help="write a trained SASRec's item embeddings to a file",
+                       description="Read the run (or model/) folder of `megarec train-rec --method sasrec` and "
+                                   "write its item embeddings as a megarec-embeddings/1 safetensors file (rows keyed "
+                                   "'<domain>/<item id>', source 'sasrec'): the collaborative input of ETEGRec's "
+                                   "tokenizer and UniGRec's distillation (`megarec train-tokenizer --embeddings`).")
+    p.add_argument("model", help="run folder of `megarec train-rec --method sasrec` (or its model/ folder)")
+    p.add_argument("--out", required=True, help="output .safetensors file")
+    return p
+
+
+def _cmd_export_embeddings(args: argparse.Namespace) -> int:
+    from megarec.recommender.sasrec import SASRec, export_item_embeddings
+    from megarec.train_rec import load_trained
+
+    trained = load_trained(args.model)
+    model = getattr(getattr(trained.recommender, "ranker", None), "model", None)
+    if not isinstance(model, SASRec):
+        raise ConfigError(f"{args.model}: a {trained.cfg.method!r} model has no item-embedding table to export; "
+                          "train one with --method sasrec")
+    keys = trained.item_keys()
+    export_item_embeddings(model, keys, args.out)
+    print(f"wrote {len(keys)} x {model.cfg.hidden} SASRec item embeddings to {args.out}")
+    return 0
+
+
 COMMANDS: list[tuple[Callable, Callable]] = [
     (_add_stats, _cmd_stats),
     (_add_download_images, _cmd_download_images),
@@ -329,6 +356,7 @@ COMMANDS: list[tuple[Callable, Callable]] = [
     (_add_tokenize, _cmd_tokenize),
     (_add_train_rec, _cmd_train_rec),
     (_add_recommend, _cmd_recommend),
+    (_add_export_embeddings, _cmd_export_embeddings),
 ]
 
 

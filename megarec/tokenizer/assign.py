@@ -1,0 +1,217 @@
+"""Catalogue code assignment: codes for every item, collision handling, statistics.
+
+Two items with the same full ID cannot be told apart by a generative
+recommender. Two policies make IDs unique:
+
+- ``utgrec`` (UTGRec Sec. 2.4): the last-level code of colliding items moves to
+  the next-nearest *free* code ("the second-nearest or a farther neighbour
+  code"), solved for the whole catalogue, never with a random fallback. Items
+  sharing a prefix (first L-1 codes) with a collision form a group, and each
+  group gets distinct last codes at the least total extra distance: an exact
+  min-cost assignment (``scipy.optimize.linear_sum_assignment``) over each
+  item's g nearest codes (g = group size, from :func:`megarec.kernels.topk_codes`),
+  which provably contain an optimum. A group larger than the last codebook
+  cannot be resolved and is a clear error.
+- ``dedup`` (TIGER): append a level whose code is the item's index within its
+  group of identical IDs; that level's codebook size is the largest group.
+"""
+from __future__ import annotations
+
+import math
+from typing import Any, Protocol, Sequence
+
+import numpy as np
+import torch
+
+from megarec.data.codes import CodesFile
+from megarec.data.domain import DataError
+from megarec.kernels import topk_codes
+
+POLICIES = ("utgrec", "dedup", "none")
+
+
+class CollisionError(DataError):
+    """Collisions cannot be resolved (a prefix group holds more items than the last codebook has codes)."""
+
+
+class Tokenizer(Protocol):
+    codebook_sizes: list[int]
+
+    def last_level(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]: ...
+
+    def last_codebook(self) -> torch.Tensor: ...
+
+
+# ---------------------------------------------------------------------------- codes
+@torch.no_grad()
+def catalogue_codes(tokenizer: Tokenizer, x: torch.Tensor, batch_size: int = 4096,
+                    device: str | torch.device | None = None) -> tuple[np.ndarray, torch.Tensor]:
+    """Codes ``[N, L]`` of every row of ``x`` and the vectors the last codebook quantised ``[N, d_c]``, in batches."""
+    codes, last = [], []
+    for s in range(0, x.shape[0], batch_size):
+        xb = x[s:s + batch_size]
+        c, v = tokenizer.last_level(xb.to(device) if device is not None else xb)
+        codes.append(c.cpu())
+        last.append(v.float().cpu())
+    if not codes:
+        raise DataError("cannot assign codes to an empty catalogue")
+    return torch.cat(codes).numpy().astype(np.int64), torch.cat(last)
+
+
+def _groups(rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(group index per row, size per group) of identical rows; one group when rows have no columns."""
+    if rows.shape[1] == 0:
+        return np.zeros(len(rows), dtype=np.int64), np.array([len(rows)])
+    _, inverse, counts = np.unique(rows, axis=0, return_inverse=True, return_counts=True)
+    return inverse.reshape(-1), counts
+
+
+def collision_rate(codes: np.ndarray) -> float:
+    """Fraction of items whose full ID is shared with at least one other item."""
+    if len(codes) == 0:
+        return 0.0
+    inverse, counts = _groups(codes)
+    return float((counts[inverse] > 1).mean())
+
+
+# ----------------------------------------------------------------- utgrec policy
+def resolve_collisions(codes: np.ndarray, last_inputs: torch.Tensor, last_codebook: torch.Tensor
+                       ) -> tuple[np.ndarray, dict[str, Any]]:
+    """UTGRec collision handling: unique IDs at the least total extra distance.
+
+    Items sharing a prefix (first L-1 codes) with at least one collision form a group;
+    the group's items get distinct last-level codes minimising the summed squared
+    distance to their codes (a min-cost assignment, solved exactly). Every other
+    item keeps its codes.
+
+    Args:
+        codes: ``[N, L]`` codes (last column = nearest code of ``last_inputs`` in ``last_codebook``).
+        last_inputs: ``[N, d]`` vectors quantised by the last codebook.
+        last_codebook: ``[K, d]``.
+    Returns:
+        the new codes and ``{"moved", "groups", "extra_distance_mean", "extra_distance_max",
+        "moved_distance_before_mean"}`` (extra squared distance of moved items over their
+        original code, and their squared distance to the original code for scale).
+    Raises:
+        CollisionError: a prefix group has more items than the last codebook has codes.
+    """
+    from scipy.optimize import linear_sum_assignment
+
+    codes = np.array(codes, dtype=np.int64, copy=True)
+    C = last_codebook.detach().float().cpu()
+    K = C.shape[0]
+    info: dict[str, Any] = {"moved": 0, "groups": 0, "extra_distance_mean": 0.0, "extra_distance_max": 0.0}
+    full_inv, full_cnt = _groups(codes)
+    colliding = full_cnt[full_inv] > 1
+    if not colliding.any():
+        return codes, info
+    prefix_inv, prefix_cnt = _groups(codes[:, :-1])
+    bad_groups = np.unique(prefix_inv[colliding])
+    too_big = bad_groups[prefix_cnt[bad_groups] > K]
+    if len(too_big):
+        g = int(too_big[0])
+        prefix = tuple(int(c) for c in codes[np.nonzero(prefix_inv == g)[0][0], :-1])
+        raise CollisionError(
+            f"{int(prefix_cnt[g])} items share the code prefix {prefix} but the last codebook has only {K} codes, "
+            f"so their IDs cannot all be unique ({len(too_big)} such group(s)); use a larger last codebook, "
+            "more levels, or the 'dedup' collision policy")
+    # Every member of a group with a collision takes part (non-colliding members hold codes too).
+    in_bad = np.zeros(len(prefix_cnt), dtype=bool)
+    in_bad[bad_groups] = True
+    items = np.nonzero(in_bad[prefix_inv])[0]
+    items = items[np.argsort(prefix_inv[items], kind="stable")]
+    x = last_inputs.detach().float().cpu()[torch.from_numpy(items)]
+    # In an optimal assignment of g items, each item's code is among its own g nearest
+    # (otherwise one of those g codes is free and taking it costs less), so g candidates
+    # per item suffice: cost about O(N log N + colliding items * K).
+    k = int(min(K, prefix_cnt[bad_groups].max()))
+    cand, _ = topk_codes(x, C, k)
+    cand = cand.numpy()
+    bounds = np.concatenate([[0], np.cumsum(prefix_cnt[bad_groups])])
+    new = np.empty(len(items), dtype=np.int64)
+    for s, e in zip(bounds[:-1], bounds[1:]):
+        g = e - s
+        pool = np.unique(cand[s:e, : min(g, K)])
+        cost = ((x[s:e, None, :] - C[torch.from_numpy(pool)][None]) ** 2).sum(-1).double().numpy()
+        rows, cols = linear_sum_assignment(cost)
+        new[s + rows] = pool[cols]
+    old = codes[items, -1]
+    moved = new != old
+    codes[items, -1] = new
+    if moved.any():
+        xm = x[torch.from_numpy(np.nonzero(moved)[0])]
+        before = ((xm - C[torch.from_numpy(old[moved])]) ** 2).sum(1)
+        extra = (((xm - C[torch.from_numpy(new[moved])]) ** 2).sum(1) - before).numpy()
+        info.update(moved=int(moved.sum()), extra_distance_mean=float(extra.mean()),
+                    extra_distance_max=float(extra.max()), moved_distance_before_mean=float(before.mean()))
+    info["groups"] = int(len(bad_groups))
+    return codes, info
+
+
+# ------------------------------------------------------------------ dedup policy
+def add_dedup_level(codes: np.ndarray) -> tuple[np.ndarray, int]:
+    """TIGER's extra token: append each item's index among the items sharing its ID (in item order).
+
+    Returns ``(codes [N, L+1], size of the new level = largest group)``.
+    """
+    codes = np.asarray(codes, dtype=np.int64)
+    inverse, counts = _groups(codes)
+    order = np.argsort(inverse, kind="stable")
+    starts = np.concatenate([[0], np.cumsum(counts)[:-1]])
+    rank = np.empty(len(codes), dtype=np.int64)
+    rank[order] = np.arange(len(codes)) - starts[inverse[order]]
+    return np.concatenate([codes, rank[:, None]], axis=1), int(counts.max()) if len(counts) else 1
+
+
+# --------------------------------------------------------------------- statistics
+def level_stats(codes: np.ndarray, codebook_sizes: Sequence[int]) -> list[dict[str, float]]:
+    """Per level: usage (fraction of codes used), entropy of code frequencies (nats) and perplexity exp(entropy)."""
+    out = []
+    for level, size in enumerate(codebook_sizes):
+        freq = np.bincount(codes[:, level], minlength=size) / max(len(codes), 1)
+        nz = freq[freq > 0]
+        entropy = float(-(nz * np.log(nz)).sum())
+        out.append({"usage": float((freq > 0).sum() / size), "entropy": entropy, "perplexity": math.exp(entropy)})
+    return out
+
+
+def random_collision_rate(num_items: int, codebook_sizes: Sequence[int]) -> float:
+    """Expected collision rate of uniformly random IDs: ``1 - (1 - 1/M)^(N-1)``, ``M = prod K_l``."""
+    if num_items < 2:
+        return 0.0
+    log_m = sum(math.log(k) for k in codebook_sizes)
+    if log_m == 0:
+        return 1.0
+    return float(-math.expm1((num_items - 1) * math.log1p(-math.exp(-log_m))))
+
+
+def duplicate_rate(x: torch.Tensor) -> float:
+    """Fraction of rows identical to another row: a floor on any tokenizer's collision rate."""
+    _, inverse, counts = torch.unique(x, dim=0, return_inverse=True, return_counts=True)
+    return float((counts[inverse] > 1).float().mean())
+
+
+def assign_catalogue(tokenizer: Tokenizer, x: torch.Tensor, item_keys: Sequence[str], policy: str = "utgrec",
+                     batch_size: int = 4096, device: str | torch.device | None = None) -> CodesFile:
+    """Codes for every item of ``x [N, in_dim]`` under a collision ``policy``, with statistics in ``stats``."""
+    if policy not in POLICIES:
+        raise ValueError(f"collision policy must be one of {POLICIES}, got {policy!r}")
+    if len(item_keys) != x.shape[0]:
+        raise DataError(f"{len(item_keys)} item keys for {x.shape[0]} input rows")
+    codes, last = catalogue_codes(tokenizer, x, batch_size, device)
+    sizes = [int(k) for k in tokenizer.codebook_sizes]
+    before = collision_rate(codes)
+    stats: dict[str, Any] = {
+        "num_items": int(len(codes)), "policy": policy, "collision_rate_before": before,
+        "random_codes_collision_rate": random_collision_rate(len(codes), sizes),
+        "duplicate_input_rate": duplicate_rate(x.float().cpu()),
+        "levels_before": level_stats(codes, sizes),
+    }
+    if policy == "utgrec":
+        codes, stats["resolution"] = resolve_collisions(codes, last, tokenizer.last_codebook())
+    elif policy == "dedup":
+        codes, extra = add_dedup_level(codes)
+        sizes.append(extra)
+    stats["collision_rate_after"] = collision_rate(codes)
+    stats["levels"] = level_stats(codes, sizes)
+    return CodesFile(list(item_keys), codes, sizes, dedup_level=policy == "dedup", stats=stats)

@@ -1,0 +1,146 @@
+"""Tree-structured codebooks (UTGRec Sec. 2.2.2).
+
+An item's L content representations ``H' [N, L, d_c]`` become a basic
+representation and L-1 increments by the prefix residual (Eq. 3):
+``h~_1 = h'_1``, ``h~_l = h'_l - h'_{l-1}``. A root codebook quantises level 1
+and ONE leaf codebook, shared by levels 2..L, quantises the increments; each
+codebook is parameterised as ``C = E W`` (Eq. 4) with ``E [K, d_c]`` and
+``W [d_c, d_c]``. The loss is L_code (Eqs. 5-7). Reconstruction applies the
+inverse prefix residual ``h^_1 = e^r W^r``, ``h^_l = h^_{l-1} + e^f_{c_l} W^f``
+(Sec. 2.3.1). Fine-tuning freezes E and trains only W (Sec. 2.4).
+"""
+from __future__ import annotations
+
+
+from typing import NamedTuple
+
+import torch
+from torch import nn
+
+from megarec.distributed import all_gather_with_grad, get_rank
+from megarec.kernels import nearest_code
+from megarec.tokenizer.kmeans import kmeans
+from megarec.tokenizer.residual import straight_through
+from megarec.tokenizer.zero import broadcast_, full_param, gathered, write_rows
+
+
+def prefix_residual(h: torch.Tensor) -> torch.Tensor:
+    """UTGRec Eq. 3 on ``h [N, L, d]``: keep level 1, replace level l > 1 by ``h_l - h_{l-1}``."""
+    return torch.cat([h[:, :1], h[:, 1:] - h[:, :-1]], dim=1)
+
+
+def inverse_prefix_residual(increments: torch.Tensor) -> torch.Tensor:
+    """Inverse of :func:`prefix_residual`: ``h_1 = inc_1``, ``h_l = h_{l-1} + inc_l`` (a cumulative sum over levels)."""
+    return increments.cumsum(dim=1)
+
+
+def code_loss(increments: torch.Tensor, codewords: torch.Tensor, beta: float = 0.25) -> torch.Tensor:
+    """UTGRec Eqs. 5-7: ``L_code = (L^r + L^f) / 2``, mean over items.
+
+    ``L^r = ||sg[h~_1] - q_1||^2 + beta ||h~_1 - sg[q_1]||^2`` for the root level and
+    ``L^f`` the same term averaged over levels 2..L; ``increments`` are ``h~ [N, L, d]``
+    and ``codewords`` the selected ``e_{c_l} W [N, L, d]``.
+    """
+    per_level = ((increments.detach() - codewords) ** 2).sum(-1) + beta * ((increments - codewords.detach()) ** 2).sum(-1)
+    return 0.5 * (per_level[:, 0].mean() + per_level[:, 1:].mean())
+
+
+class TreeOutput(NamedTuple):
+    """A NamedTuple so DeepSpeed ZeRO-3's hooks see the tensors inside (a dataclass hides them)."""
+
+    codes: torch.Tensor            # [N, L] int64: root code, then leaf codes
+    increments: torch.Tensor       # h~ [N, L, d] (Eq. 3)
+    quantized: torch.Tensor        # straight-through e_{c_l} W per level [N, L, d]
+    reconstruction: torch.Tensor   # H^ [N, L, d]: inverse prefix residual of the quantised increments
+    loss: torch.Tensor             # L_code (Eq. 5)
+
+
+class TreeCodebooks(nn.Module):
+    """Root codebook ``E^r W^r`` for level 1 and one leaf codebook ``E^f W^f`` for levels 2..L."""
+
+    def __init__(self, num_levels: int, root_size: int, leaf_size: int, dim: int, beta: float = 0.25,
+                 kmeans_iters: int = 25):
+        super().__init__()
+        if num_levels < 2:
+            raise ValueError(f"tree-structured codebooks need at least 2 levels (root + leaf), got {num_levels}")
+        if root_size < 1 or leaf_size < 1:
+            raise ValueError(f"codebook sizes must be positive, got root {root_size}, leaf {leaf_size}")
+        self.num_levels, self.dim, self.beta, self.kmeans_iters = num_levels, dim, float(beta), kmeans_iters
+        self.root_size, self.leaf_size = root_size, leaf_size
+        self.root_E = nn.Parameter(torch.randn(root_size, dim) * dim ** -0.5)
+        self.root_W = nn.Parameter(torch.eye(dim))
+        self.leaf_E = nn.Parameter(torch.randn(leaf_size, dim) * dim ** -0.5)
+        self.leaf_W = nn.Parameter(torch.eye(dim))
+
+    @property
+    def codebook_sizes(self) -> list[int]:
+        return [self.root_size] + [self.leaf_size] * (self.num_levels - 1)
+
+    def root_codebook(self) -> torch.Tensor:
+        """``C^r = E^r W^r`` (Eq. 4)."""
+        return self.root_E @ self.root_W
+
+    def leaf_codebook(self) -> torch.Tensor:
+        """``C^f = E^f W^f`` (Eq. 4)."""
+        return self.leaf_E @ self.leaf_W
+
+    def freeze_embeddings(self, frozen: bool = True) -> None:
+        """Fine-tuning switch: freeze ``E^r, E^f`` and train only ``W^r, W^f`` (``frozen=False`` undoes it)."""
+        self.root_E.requires_grad_(not frozen)
+        self.leaf_E.requires_grad_(not frozen)
+
+    def _assign(self, inc: torch.Tensor, root: torch.Tensor, leaf: torch.Tensor) -> torch.Tensor:
+        n, L, d = inc.shape
+        c_root, _ = nearest_code(inc[:, 0].detach(), root.detach())
+        c_leaf, _ = nearest_code(inc[:, 1:].reshape(-1, d).detach(), leaf.detach())
+        return torch.cat([c_root[:, None], c_leaf.view(n, L - 1)], dim=1)
+
+    def forward(self, h: torch.Tensor) -> TreeOutput:
+        """Quantise content representations ``h [N, L, d]`` (already projected to the codebook dimension)."""
+        if h.dim() != 3 or h.shape[1] != self.num_levels or h.shape[2] != self.dim:
+            raise ValueError(f"expected [N, {self.num_levels}, {self.dim}] representations, got {tuple(h.shape)}")
+        inc = prefix_residual(h)
+        root, leaf = self.root_codebook(), self.leaf_codebook()
+        codes = self._assign(inc, root, leaf)
+        q = torch.cat([root[codes[:, :1]], leaf[codes[:, 1:]]], dim=1)
+        ste = straight_through(inc, q)
+        return TreeOutput(codes, inc, ste, inverse_prefix_residual(ste), code_loss(inc, q, self.beta))
+
+    @torch.no_grad()
+    def decode(self, codes: torch.Tensor) -> torch.Tensor:
+        """``H^ [N, L, d]`` from codes ``[N, L]`` by the inverse prefix residual of the codewords."""
+        root, leaf = self._full_books()
+        q = torch.cat([root[codes[:, :1]], leaf[codes[:, 1:]]], dim=1)
+        return inverse_prefix_residual(q)
+
+    def _full_books(self) -> tuple[torch.Tensor, torch.Tensor]:
+        params = [self.root_E, self.root_W, self.leaf_E, self.leaf_W]
+        with gathered(params):
+            return (self.root_codebook().detach().clone(), self.leaf_codebook().detach().clone())
+
+    @torch.no_grad()
+    def last_level(self, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(codes [N, L], h~_L [N, d])``: the codes and the increment quantised by the leaf codebook."""
+        inc = prefix_residual(h)
+        root, leaf = self._full_books()
+        return self._assign(inc, root, leaf), inc[:, -1]
+
+    def last_codebook(self) -> torch.Tensor:
+        return self._full_books()[1]
+
+    @torch.no_grad()
+    def init_from_data(self, h: torch.Tensor, generator: torch.Generator | None = None) -> None:
+        """k-means on the basic representations (root) and on all increments (leaf), pooled over ranks.
+
+        Sets ``E = centroids W^+`` so that ``E W`` equals the centroids for the current
+        (invertible) ``W``; written identically on every rank, ZeRO-3 safe.
+        """
+        inc = prefix_residual(all_gather_with_grad(h.detach().float()))
+        for E, W, data, k in ((self.root_E, self.root_W, inc[:, 0], self.root_size),
+                              (self.leaf_E, self.leaf_W, inc[:, 1:].reshape(-1, self.dim), self.leaf_size)):
+            w = full_param(W)
+            new = torch.empty(k, self.dim, device=data.device)
+            if get_rank() == 0:
+                new.copy_(kmeans(data, k, iters=self.kmeans_iters, generator=generator) @ torch.linalg.pinv(w))
+            broadcast_(new)
+            write_rows(E, None, new)

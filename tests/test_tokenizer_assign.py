@@ -1,0 +1,159 @@
+"""Catalogue code assignment: collision policies, statistics, the codes file."""
+import itertools
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from megarec.data.codes import CodesFile
+from megarec.tokenizer import (CollisionError, ResidualQuantizer, add_dedup_level, assign_catalogue, collision_rate,
+                               level_stats, random_collision_rate, resolve_collisions)
+
+
+def sqdist(x, C):
+    return ((x[:, None, :] - C[None]) ** 2).sum(-1).numpy().astype(np.float64)
+
+
+def brute_force(codes, x, C):
+    """Least total squared distance over every injective last-code assignment of each colliding prefix group."""
+    d = sqdist(x, C)
+    ids = [tuple(r) for r in codes]
+    best_total = 0.0
+    for prefix in {tuple(codes[i, :-1]) for i in range(len(codes)) if ids.count(ids[i]) > 1}:
+        members = [i for i in range(len(codes)) if tuple(codes[i, :-1]) == prefix]
+        best_total += min(sum(d[i, c] for i, c in zip(members, perm))
+                          for perm in itertools.permutations(range(len(C)), len(members)))
+    return best_total
+
+
+def nearest(x, C):
+    return sqdist(x, C).argmin(1)
+
+
+def test_two_items_on_one_code_the_farther_moves_to_its_next_nearest():
+    C = torch.tensor([[0.0, 0.0], [1.0, 0.0], [0.0, 3.0], [5.0, 5.0]])
+    x = torch.tensor([[0.1, 0.0], [0.4, 0.0], [5.0, 4.9]])       # items 0 and 1 both nearest to code 0
+    codes = np.array([[7, 0], [7, 0], [7, 3]])
+    new, info = resolve_collisions(codes, x, C)
+    assert new.tolist() == [[7, 0], [7, 1], [7, 3]]              # item 1 (farther from code 0) -> code 1
+    assert info["moved"] == 1 and info["groups"] == 1
+    extra = float(((x[1] - C[1]) ** 2).sum() - ((x[1] - C[0]) ** 2).sum())
+    assert info["extra_distance_mean"] == pytest.approx(extra, rel=1e-5)
+
+
+def test_group_members_shift_when_cheaper_and_other_prefixes_stay():
+    C = torch.tensor([[0.0], [1.0], [2.0], [3.0]])
+    x = torch.tensor([[0.0], [0.1], [0.2], [1.0], [0.0]])
+    # items 0-3 share prefix (2,); item 3 holds code 1 alone; item 4 has another prefix and the same last code.
+    # Keeping item 3 on code 1 costs 3.61 + 7.84; shifting everyone one code up costs 0.81 + 3.24 + 4.
+    codes = np.array([[2, 0], [2, 0], [2, 0], [2, 1], [5, 0]])
+    new, info = resolve_collisions(codes, x, C)
+    assert new.tolist() == [[2, 0], [2, 1], [2, 2], [2, 3], [5, 0]]
+    assert info["moved"] == 3 and collision_rate(new) == 0.0
+
+
+def test_total_extra_distance_is_minimal_against_brute_force():
+    rng = np.random.default_rng(0)
+    for trial in range(8):
+        K = 5
+        C = torch.tensor(rng.normal(size=(K, 2)), dtype=torch.float32)
+        x = torch.tensor(rng.normal(scale=0.6, size=(7, 2)), dtype=torch.float32)
+        codes = np.stack([np.arange(7) % 2, nearest(x, C)], 1)            # prefix groups of 4 and 3
+        if collision_rate(codes) == 0:
+            x[1] = x[0] + 0.01
+            codes[1] = [codes[0, 0], nearest(x[1:2], C)[0]]
+        new, _ = resolve_collisions(codes, x, C)
+        assert collision_rate(new) == 0.0
+        assert np.array_equal(new[:, 0], codes[:, 0])                      # prefixes never change
+        d = sqdist(x, C)
+        ids = [tuple(r) for r in codes]
+        touched = {tuple(codes[i, :-1]) for i in range(7) if ids.count(ids[i]) > 1}
+        ours = sum(d[i, new[i, 1]] for i in range(7) if tuple(codes[i, :-1]) in touched)
+        assert ours == pytest.approx(brute_force(codes, x, C), rel=1e-6)
+        for i in range(7):                                                 # other groups keep their codes
+            if tuple(codes[i, :-1]) not in touched:
+                assert new[i, 1] == codes[i, 1]
+
+
+def test_crowded_catalogue_matches_exhaustive_min_cost():
+    from scipy.optimize import linear_sum_assignment
+
+    rng = np.random.default_rng(1)
+    K = 16
+    C = torch.tensor(rng.normal(size=(K, 3)), dtype=torch.float32)
+    x = torch.tensor(rng.normal(scale=0.3, size=(200, 3)), dtype=torch.float32)
+    codes = np.stack([np.arange(200) % 20, nearest(x, C)], 1)        # 20 prefix groups of 10 items
+    assert collision_rate(codes) > 0.3
+    new, info = resolve_collisions(codes, x, C)
+    assert collision_rate(new) == 0.0 and info["moved"] > 0
+    d = sqdist(x, C)
+    for g in range(20):                       # the g-nearest candidate pools lose nothing against all K codes
+        m = np.nonzero(codes[:, 0] == g)[0]
+        r, c = linear_sum_assignment(d[m])
+        assert sum(d[i, new[i, 1]] for i in m) == pytest.approx(d[m][r, c].sum(), rel=1e-6)
+
+
+def test_impossible_group_raises_a_clear_error():
+    C = torch.eye(3)
+    x = torch.zeros(4, 3)
+    codes = np.array([[1, 4, 0]] * 4)
+    with pytest.raises(CollisionError, match=r"4 items share the code prefix \(1, 4\).*only 3 codes"):
+        resolve_collisions(codes, x, C)
+
+
+def test_dedup_token_indexes_items_within_identical_ids():
+    codes = np.array([[1, 2], [0, 0], [1, 2], [3, 3], [1, 2], [0, 0]])
+    new, size = add_dedup_level(codes)
+    assert size == 3
+    assert new[:, 2].tolist() == [0, 0, 1, 0, 2, 1]
+    assert np.array_equal(new[:, :2], codes)
+    assert collision_rate(new) == 0.0
+    _, size = add_dedup_level(np.array([[0], [1]]))
+    assert size == 1
+
+
+def test_level_stats_and_random_collision_rate():
+    codes = np.array([[0, 1], [0, 1], [1, 1], [2, 1]])
+    s = level_stats(codes, [4, 2])
+    ent = -(0.5 * math.log(0.5) + 2 * 0.25 * math.log(0.25))
+    assert s[0] == pytest.approx({"usage": 0.75, "entropy": ent, "perplexity": math.exp(ent)})
+    assert s[1] == pytest.approx({"usage": 0.5, "entropy": 0.0, "perplexity": 1.0})
+    assert collision_rate(codes) == 0.5
+    assert random_collision_rate(2, [2, 2]) == pytest.approx(0.25)
+    # sampling agrees with the analytic expectation
+    rng = np.random.default_rng(0)
+    sampled = np.mean([collision_rate(rng.integers(0, 6, size=(30, 2))) for _ in range(400)])
+    assert sampled == pytest.approx(random_collision_rate(30, [6, 6]), abs=0.02)
+
+
+@pytest.mark.parametrize("policy", ["utgrec", "dedup", "none"])
+def test_assign_catalogue_policies_and_codes_file_round_trip(tmp_path, policy):
+    torch.manual_seed(0)
+    tok = ResidualQuantizer([4, 16], dim=2).eval()   # identity encoder
+    x = torch.cat([torch.randn(30, 2), torch.zeros(2, 2)])   # two identical items always collide
+    keys = [f"D/{i}" for i in range(32)]
+    cf = assign_catalogue(tok, x, keys, policy, batch_size=7)
+    assert cf.stats["collision_rate_before"] > 0
+    assert cf.stats["duplicate_input_rate"] == pytest.approx(2 / 32)
+    assert cf.stats["random_codes_collision_rate"] == pytest.approx(random_collision_rate(32, [4, 16]))
+    if policy == "none":
+        assert cf.stats["collision_rate_after"] == cf.stats["collision_rate_before"]
+    else:
+        assert cf.stats["collision_rate_after"] == 0.0
+    assert cf.dedup_level == (policy == "dedup")
+    assert cf.codebook_sizes[:2] == [4, 16] and len(cf.codebook_sizes) == (3 if policy == "dedup" else 2)
+    cf.save(tmp_path / "codes.safetensors")
+    back = CodesFile.load(tmp_path / "codes.safetensors")
+    assert back.item_keys == keys and np.array_equal(back.codes, cf.codes)
+    assert back.codebook_sizes == cf.codebook_sizes and back.dedup_level == cf.dedup_level
+    assert back.stats == cf.stats
+    assert len(back.stats["levels"]) == len(cf.codebook_sizes)
+
+
+def test_assign_catalogue_rejects_bad_input():
+    tok = ResidualQuantizer([4], dim=2).eval()
+    with pytest.raises(ValueError, match="collision policy"):
+        assign_catalogue(tok, torch.zeros(3, 2), ["a", "b", "c"], "random")
+    with pytest.raises(Exception, match="2 item keys for 3"):
+        assign_catalogue(tok, torch.zeros(3, 2), ["a", "b"], "none")

@@ -1,0 +1,113 @@
+"""`megarec train-tokenizer` and `megarec tokenize` end to end on a tiny domain."""
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from megarec.cli import main
+from megarec.data.codes import CodesFile
+from megarec.data.embeddings import save_item_embeddings
+
+WORDS = ("red blue green black white lamp cable tape steel glue box kit long short wide thin "
+         "metal paper plastic wood glass round flat big small").split()
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)   # tiny matrices: extra threads only add contention on shared CI cores
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def tiny_bert(tmp_path_factory):
+    from transformers import BertConfig, BertModel, BertTokenizer
+
+    path = tmp_path_factory.mktemp("tiny_bert")
+    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + WORDS
+    BertTokenizer(vocab={w: i for i, w in enumerate(vocab)}).save_pretrained(path)
+    torch.manual_seed(0)
+    BertModel(BertConfig(vocab_size=len(vocab), hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                         intermediate_size=32, max_position_embeddings=64)).save_pretrained(path)
+    return path
+
+
+def write_domain(folder, n_items=60, with_items=True):
+    rng = np.random.default_rng(0)
+    folder.mkdir(parents=True, exist_ok=True)
+    inter = {f"u{u}": [int(i) for i in rng.choice(n_items, 6, replace=False)] for u in range(40)}
+    for i in range(n_items):                        # every item appears at least once
+        inter[f"u{i % 40}"].append(i)
+    (folder / "Tiny.inter.json").write_text(json.dumps(inter))
+    if with_items:
+        items = {str(i): {"title": " ".join(rng.choice(WORDS, 4)), "brand": str(rng.choice(WORDS)),
+                          "categories": "", "description": ""} for i in range(n_items)}
+        (folder / "Tiny.item.json").write_text(json.dumps(items))
+    return folder
+
+
+SMALL = ["--epochs", "60", "--batch_size", "32", "--eval_every", "20", "--rqvae.hidden", "16",
+         "--rqvae.code_dim", "4", "--rqvae.codebook_sizes", "8,8,16", "--rqvae.dead_code_steps", "10",
+         "--kmeans_samples", "60"]
+
+
+def test_train_tokenizer_then_tokenize(tmp_path, tiny_bert, capsys):
+    data = write_domain(tmp_path / "Tiny")
+    out = tmp_path / "tok"
+    assert main(["train-tokenizer", str(data), "--out", str(out), *SMALL, "--encoder", str(tiny_bert)]) == 0
+    printed = capsys.readouterr().out
+    assert "collision rate" in printed and "| level |" in printed
+    for name in ("model.safetensors", "config.yaml", "codes.safetensors", "stats.json",
+                 "text_embeddings/Tiny.safetensors"):
+        assert (out / name).is_file(), name
+    codes = CodesFile.load(out / "codes.safetensors")
+    assert codes.item_keys == [f"Tiny/{i}" for i in range(60)]
+    assert codes.codebook_sizes == [8, 8, 16] and not codes.dedup_level
+    assert codes.collision_rate() == 0.0 and codes.stats["collision_rate_after"] == 0.0
+    stats = json.loads((out / "stats.json").read_text())
+    assert stats["policy"] == "utgrec" and stats["training"]["steps"] == 60 * 2
+    assert stats["collision_rate_before"] > 0 and stats["resolution"]["moved"] > 0
+    assert len(stats["levels"]) == 3 and 0 < stats["levels"][0]["usage"] <= 1
+
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    tags = EventAccumulator(str(out / "tb")).Reload().Tags()["scalars"]
+    for tag in ("loss/total", "loss/recon", "loss/quant", "codebook/usage", "codebook/perplexity",
+                "codebook/collision_rate"):
+        assert tag in tags
+
+    dedup = tmp_path / "dedup.safetensors"
+    assert main(["tokenize", str(data), "--model", str(out), "--out", str(dedup), "--collisions", "dedup"]) == 0
+    d = CodesFile.load(dedup)
+    assert d.dedup_level and len(d.codebook_sizes) == 4 and d.collision_rate() == 0.0
+    assert d.item_keys == codes.item_keys
+    # same model, same items: the semantic levels agree wherever utgrec did not move a last code
+    assert np.array_equal(d.codes[:, :2], codes.codes[:, :2])
+
+
+def test_collaborative_embeddings_input_and_errors(tmp_path, capsys):
+    data = write_domain(tmp_path / "Tiny", with_items=False)
+    emb = tmp_path / "sasrec.safetensors"
+    save_item_embeddings(emb, torch.randn(60, 8, generator=torch.Generator().manual_seed(0)),
+                         [f"Tiny/{i}" for i in range(60)], source="test")
+    # no item text: text input is refused with a clear message
+    assert main(["train-tokenizer", str(data), "--out", str(tmp_path / "x"), *SMALL]) == 2
+    assert "needs item text" in capsys.readouterr().err
+    out = tmp_path / "tok"
+    assert main(["train-tokenizer", str(data), "--out", str(out), "--embeddings", str(emb), *SMALL,
+                 "--collisions", "dedup"]) == 0
+    assert CodesFile.load(out / "codes.safetensors").dedup_level
+    assert not (out / "text_embeddings").exists()
+    assert main(["tokenize", str(data), "--model", str(out), "--out", str(tmp_path / "c.safetensors")]) == 2
+    assert "--embeddings" in capsys.readouterr().err
+    assert main(["tokenize", str(data), "--model", str(out), "--out", str(tmp_path / "c.safetensors"),
+                 "--embeddings", str(emb), "--collisions", "none"]) == 0
+    # bad overrides and a bad model folder are clear errors too
+    assert main(["train-tokenizer", str(data), "--out", str(out), "--rqvae.nope", "1"]) == 2
+    assert "unknown key 'rqvae.nope'" in capsys.readouterr().err
+    assert main(["tokenize", str(data), "--model", str(tmp_path), "--out", str(tmp_path / "c2")]) == 2
+    assert "not a trained tokenizer" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["stats", str(data), "--epochs", "3"])          # overrides only where a command takes them
