@@ -1,4 +1,5 @@
-"""Item shards: writer, manifest, reader (rank/worker split, shuffle, resume, bad samples), CLI, placeholders."""
+"""Item shards: writer, manifest, reader (rank/worker split, shuffle, resume, bad samples), CLI, placeholders,
+image decoding at model resolution."""
 from __future__ import annotations
 
 import io
@@ -11,6 +12,7 @@ from types import SimpleNamespace
 
 import numpy as np
 import pytest
+import torch
 from hypothesis import given, settings, strategies as st
 from PIL import Image
 from torch.utils.data import DataLoader
@@ -19,7 +21,7 @@ from webdataset.tariterators import base_plus_ext
 import megarec.data.shard_reader as shard_reader
 from megarec.cli import main
 from megarec.data.domain import DataError, Domain
-from megarec.data.images import background_color, placeholder_bytes, placeholder_image
+from megarec.data.images import background_color, load_image, open_rgb, placeholder_bytes, placeholder_image
 from megarec.data.shards import (ShardDataset, ShardLoader, collate_items, load_manifest, safe_key, unsafe_key,
                                  write_shards)
 from megarec.data.tar_samples import iter_samples
@@ -76,7 +78,7 @@ def read_rank_interleaved(ds: ShardDataset, monkeypatch) -> list:
 def shards_31(tmp_path_factory) -> Path:
     """31 items in shards of 7, 7, 7, 7, 3 (uneven), with 32 px placeholder images."""
     out = tmp_path_factory.mktemp("s31")
-    write_shards(make_domain("A", 31), out, max_count=7, images="placeholder", image_size=32)
+    write_shards(make_domain("A", 31), out, max_count=7, images="placeholder", placeholder_size=32)
     return out
 
 
@@ -108,6 +110,61 @@ def test_placeholder_is_deterministic_and_key_dependent():
         placeholder_image("A/1", 8)
     with pytest.raises(ValueError, match="format"):
         placeholder_bytes("A/1", 64, fmt="gif")
+
+
+def test_placeholder_texture_is_deterministic_and_photo_sized():
+    flat, grain = placeholder_image("A/1", 64), placeholder_image("A/1", 64, texture=5)
+    assert grain.tobytes() == placeholder_image("A/1", 64, texture=5).tobytes() != flat.tobytes()
+    diff = np.abs(np.asarray(grain, dtype=int) - np.asarray(flat, dtype=int))
+    assert diff.max() <= 5 and diff.mean() > 1
+    assert len(placeholder_bytes("A/1", 128, texture=5)) > 1.5 * len(placeholder_bytes("A/1", 128))
+    with pytest.raises(ValueError, match="texture"):
+        placeholder_image("A/1", 64, texture=65)
+
+
+def _naive(data: bytes, hw: tuple[int, int]) -> np.ndarray:
+    """What public code does: full decode, PIL's (bicubic) resize to (width, height)."""
+    return np.asarray(Image.open(io.BytesIO(data)).convert("RGB").resize((hw[1], hw[0])), dtype=int)
+
+
+def _hwc(t) -> np.ndarray:
+    return t.permute(1, 2, 0).numpy().astype(int)
+
+
+@pytest.mark.parametrize("hw, drafted", [((64, 48), (100, 100)), ((24, 24), (25, 25)), ((150, 120), (200, 200))])
+def test_draft_decode_gives_exact_rgb_size_close_to_full_decode(hw, drafted):
+    jpeg = placeholder_bytes("A/1", 200, texture=5)
+    assert open_rgb(jpeg, hw).size == drafted  # decoded at 1/2, 1/8, 1/1 scale: the smallest covering hw
+    assert open_rgb(jpeg, hw, draft=False).size == open_rgb(jpeg).size == (200, 200)
+    for src in (jpeg, io.BytesIO(jpeg)):
+        t = load_image(src, hw)
+        assert t.dtype == torch.uint8 and tuple(t.shape) == (3, *hw) and t.is_contiguous()
+    diff = np.abs(_hwc(load_image(jpeg, hw)) - _naive(jpeg, hw))
+    assert diff.mean() < 4  # DCT-domain downscaling vs full decode + bicubic: ~1-3 grey levels on average
+    exact = np.abs(_hwc(load_image(jpeg, hw, draft=False)) - _naive(jpeg, hw))
+    assert exact.max() <= 2 and exact.mean() < 0.05  # torch's uint8 bicubic reproduces PIL's resize
+
+
+def test_non_jpeg_images_decode_at_model_size(tmp_path):
+    png = placeholder_bytes("A/1", 64, fmt="png")
+    diff = np.abs(_hwc(load_image(png, (40, 30))) - _naive(png, (40, 30)))
+    assert diff.max() <= 2 and diff.mean() < 0.05  # no draft for PNG: only the resize differs
+    grey, rgba, tiny = (io.BytesIO() for _ in range(3))
+    Image.new("L", (50, 20), 77).save(grey, format="JPEG")
+    Image.new("RGBA", (30, 30), (10, 20, 30, 40)).save(rgba, format="PNG")
+    Image.fromarray(np.full((5, 7, 3), 200, dtype=np.uint8)).save(tiny, format="PNG")
+    grey_rgb = _hwc(load_image(grey.getvalue(), 16))
+    assert grey_rgb.shape == (16, 16, 3) and np.abs(grey_rgb - 77).max() <= 1
+    assert _hwc(load_image(rgba.getvalue(), 8))[0, 0].tolist() == [10, 20, 30]
+    assert (_hwc(load_image(tiny.getvalue(), (16, 24))) == 200).all()  # upscaled
+    path = tmp_path / "x.png"
+    path.write_bytes(png)
+    assert torch.equal(load_image(path, 24), load_image(png, 24))
+    with pytest.raises(OSError, match="truncated"):
+        load_image(placeholder_bytes("A/1", 200, texture=5)[:3000], 64)  # drafting still reads all the data
+    for bad in (0, (3,), (4, -1), 2.5):
+        with pytest.raises(ValueError, match="image size"):
+            load_image(png, bad)
 
 
 # ----------------------------------------------------------------------------- writer and manifest
@@ -151,9 +208,22 @@ def test_placeholder_images_in_shards(shards_31):
     assert all(s["image"] is None for s in ShardDataset(shards_31, rank=0, world_size=1, load_images=False))
 
 
+def test_reader_decodes_at_model_size(shards_31):
+    raw = {k: smp["jpg"] for s in load_manifest(shards_31)["shards"] for k, smp in iter_samples(s["path"])}
+    ds = ShardDataset(shards_31, shuffle=False, rank=0, world_size=1, image_size=(16, 24), batch_size=8)
+    batches = list(ds)
+    assert [b["image"].shape for b in batches] == [(8, 3, 16, 24)] * 3 + [(7, 3, 16, 24)]
+    assert batches[0]["image"].dtype == torch.uint8 and batches[0]["has_image"].all()
+    for b in batches:
+        for key, img in zip(b["key"], b["image"]):
+            assert torch.equal(img, load_image(raw[safe_key(key)], (16, 24)))
+    with pytest.raises(ValueError, match="image size"):
+        ShardDataset(shards_31, rank=0, world_size=1, image_size=0)
+
+
 def test_manifest_lists_shards_and_counts(shards_31, tmp_path):
     m = load_manifest(shards_31)
-    assert m["num_items"] == 31 and m["images"] == "placeholder"
+    assert m["num_items"] == 31 and m["images"] == "placeholder" and m["image_size"] is None
     assert [s["count"] for s in m["shards"]] == [7, 7, 7, 7, 3]
     assert m["domains"] == [{"name": "A", "items": 31, "has_text": True}]
     for s in m["shards"]:
@@ -189,6 +259,128 @@ def test_manifest_and_writer_errors(shards_31, tmp_path):
         load_manifest(bad)
 
 
+# ----------------------------------------------------------------------------- images stored at the model's size
+@pytest.fixture(scope="module")
+def originals(tmp_path_factory) -> tuple[Domain, dict[str, bytes]]:
+    """6 items: grainy JPEGs of several sizes and aspects, a PNG, and one item without an image."""
+    img_dir = tmp_path_factory.mktemp("orig")
+    images, raw = [], {}
+    for i, side in enumerate([200, 120, 90, 64, 150]):
+        data = placeholder_bytes(f"A/a{i}", side, texture=5) if i != 3 else placeholder_bytes("A/a3", side, fmt="png")
+        if i == 1:  # not square: 120 wide, 80 high
+            buf = io.BytesIO()
+            Image.open(io.BytesIO(data)).crop((0, 20, 120, 100)).save(buf, format="JPEG", quality=90)
+            data = buf.getvalue()
+        p = img_dir / f"{i}.img"
+        p.write_bytes(data)
+        images.append(str(p))
+        raw[f"A/a{i}"] = data
+    return make_domain("A", 6, images=images + [None]), raw
+
+
+class _CountingInterpolate:
+    """Wraps torch's interpolate and counts its calls (a second resize at read time would call it)."""
+
+    def __init__(self, monkeypatch):
+        self.calls, self._orig = 0, torch.nn.functional.interpolate
+        monkeypatch.setattr(torch.nn.functional, "interpolate", self)
+
+    def __call__(self, *a, **kw):
+        self.calls += 1
+        return self._orig(*a, **kw)
+
+
+def _stored(out: Path) -> dict[str, tuple[str, bytes, dict]]:
+    """Per item key: (image member ext or None, its bytes, the metadata)."""
+    got = {}
+    for s in load_manifest(out)["shards"]:
+        for key, smp in iter_samples(s["path"]):
+            ext = next((e for e in ("jpg", "png", "webp") if e in smp), None)
+            got[unsafe_key(key)] = (ext, smp.get(ext), json.loads(smp["json"]))
+    return got
+
+
+def test_images_stored_at_model_size(originals, tmp_path, monkeypatch):
+    domain, raw = originals
+    hw = (48, 64)
+    write_shards(domain, tmp_path / "s", images="files", image_size=hw, max_count=4)
+    m = load_manifest(tmp_path / "s")
+    assert (m["image_size"], m["image_format"], m["image_quality"]) == ([48, 64], "JPEG", 95)
+    stored = _stored(tmp_path / "s")
+    for key, data in raw.items():
+        ext, img, meta = stored[key]
+        with Image.open(io.BytesIO(data)) as src, Image.open(io.BytesIO(img)) as im:
+            assert ext == "jpg" and im.format == "JPEG" and im.size == (64, 48)  # exactly the model's size
+            assert meta["image_original_size"] == [src.height, src.width]
+    assert stored["A/a1"][2]["image_original_size"] == [80, 120]
+    assert stored["A/a5"][:2] == (None, None) and "image_original_size" not in stored["A/a5"][2]
+
+    # read at the stored size: decoded at full scale, no second resize, pixels as stored
+    spy = _CountingInterpolate(monkeypatch)
+    got = {s["key"]: s["image"] for s in ShardDataset(tmp_path / "s", rank=0, world_size=1, image_size=hw)}
+    assert spy.calls == 0 and got["A/a5"] is None
+    for key, data in raw.items():
+        full = torch.from_numpy(np.array(Image.open(io.BytesIO(stored[key][1])).convert("RGB"))).permute(2, 0, 1)
+        assert torch.equal(got[key], full)
+        # close to resizing the original at read time: only the re-encoding (JPEG quality 95) differs
+        # (~1.6 grey levels on these grainy 48 x 64 images; ~4-6 with 4:2:0 chroma subsampling)
+        assert np.abs(_hwc(got[key]) - _hwc(load_image(data, hw))).mean() < 2.5
+        assert np.abs(_hwc(got[key]) - _naive(data, hw)).mean() < 3
+    list(ShardDataset(tmp_path / "s", rank=0, world_size=1, image_size=(24, 32)))
+    assert spy.calls == 5  # the spy sees resizes: a smaller size is still resized
+
+
+def test_lossless_stored_images_equal_the_read_time_resize(originals, tmp_path):
+    domain, raw = originals
+    write_shards(domain, tmp_path / "png", images="files", image_size=40, image_format="png")
+    m = load_manifest(tmp_path / "png")
+    assert (m["image_size"], m["image_format"], m["image_quality"]) == ([40, 40], "PNG", None)
+    got = {s["key"]: s["image"] for s in ShardDataset(tmp_path / "png", rank=0, world_size=1, image_size=40)}
+    for key, data in raw.items():  # the same resize as the reader's, stored losslessly: identical tensors
+        assert torch.equal(got[key], load_image(data, 40))
+    write_shards(domain, tmp_path / "webp", images="files", image_size=40, image_format="WEBP", image_quality=80)
+    assert {v[0] for v in _stored(tmp_path / "webp").values()} == {"webp", None}
+
+
+def test_reading_above_the_stored_size_warns_once(originals, tmp_path):
+    domain, _ = originals
+    write_shards(domain, tmp_path / "s", images="files", image_size=(32, 48))
+    handler = _Lines()
+    logging.getLogger("megarec.shards").addHandler(handler)
+    try:
+        ShardDataset(tmp_path / "s", rank=0, world_size=1, image_size=(32, 48))
+        ShardDataset(tmp_path / "s", rank=0, world_size=1, image_size=16)
+        ShardDataset(tmp_path / "s", rank=0, world_size=1)
+        assert handler.lines == []
+        ds = ShardDataset(tmp_path / "s", rank=0, world_size=1, image_size=(32, 64), batch_size=2)
+        batches = list(ds) + list(ds)  # two epochs
+    finally:
+        logging.getLogger("megarec.shards").removeHandler(handler)
+    assert ds.stored_image_size == (32, 48) and batches[0]["image"].shape[2:] == (32, 64)
+    assert len(handler.lines) == 1 and "larger than the (32, 48) images these shards store" in handler.lines[0]
+
+
+def test_build_time_resize_errors(originals, tmp_path):
+    domain, _ = originals
+    with pytest.raises(DataError, match="images='none' stores none"):
+        write_shards(domain, tmp_path / "x", image_size=32)
+    with pytest.raises(DataError, match="image format must be one of"):
+        write_shards(domain, tmp_path / "x", images="files", image_size=32, image_format="gif")
+    with pytest.raises(DataError, match=r"image quality must be in \[1, 100\]"):
+        write_shards(domain, tmp_path / "x", images="files", image_size=32, image_quality=0)
+    with pytest.raises(DataError, match="image size"):
+        write_shards(domain, tmp_path / "x", images="files", image_size=(32, 0))
+    bad = tmp_path / "bad.jpg"
+    bad.write_bytes(b"not an image")
+    with pytest.raises(DataError, match=r"A/a1: cannot resize image .*bad.jpg to \(8, 8\)"):
+        write_shards(make_domain("A", 2, images=[None, str(bad)]), tmp_path / "x", images="files", image_size=8)
+    write_shards(domain, tmp_path / "m", images="files", image_size=8)
+    man = json.loads((tmp_path / "m" / "index.json").read_text())
+    (tmp_path / "m" / "index.json").write_text(json.dumps({**man, "image_size": [8]}))
+    with pytest.raises(DataError, match="'image_size' must be null or"):
+        ShardDataset(tmp_path / "m", rank=0, world_size=1)
+
+
 # ----------------------------------------------------------------------------- rank / worker split
 @pytest.mark.parametrize("world,workers", [(1, 1), (2, 2), (3, 2), (4, 3), (3, 8), (4, 16)])
 def test_split_pad_and_drop_give_equal_counts(shards_31, monkeypatch, world, workers):
@@ -212,7 +404,7 @@ def test_split_pad_and_drop_give_equal_counts(shards_31, monkeypatch, world, wor
 
 def test_two_ranks_two_dataloader_workers_see_each_item_once(tmp_path):
     out = tmp_path / "s"
-    write_shards(make_domain("A", 36), out, max_count=5, images="placeholder", image_size=16)  # 8 uneven shards
+    write_shards(make_domain("A", 36), out, max_count=5, images="placeholder", placeholder_size=16)  # 8 uneven
     seen = Counter()
     batches = []
     for rank in range(2):
@@ -380,6 +572,22 @@ def test_bad_samples_are_skipped_counted_and_logged(bad_shards):
     assert "4 bad samples skipped" in log or "4 in total" in log
 
 
+def test_bad_images_are_caught_when_decoding_at_model_size(bad_shards, tmp_path):
+    ds = ShardDataset(bad_shards, rank=0, world_size=1, shuffle=False, image_size=8)
+    keys = keys_of(ds)
+    assert ds.bad_samples == 4 and len(keys) == 12 and "A/a5" not in keys
+    img_dir = tmp_path / "img_t"
+    img_dir.mkdir()
+    paths = []
+    for i in range(3):
+        data = placeholder_bytes(f"A/a{i}", 64, texture=5)
+        (img_dir / f"{i}.jpg").write_bytes(data[:len(data) // 2] if i == 1 else data)  # a1: truncated JPEG
+        paths.append(str(img_dir / f"{i}.jpg"))
+    write_shards(make_domain("A", 3, images=paths), tmp_path / "t", images="files")
+    with pytest.raises(DataError, match=r"'A%2Fa1'.*undecodable .jpg image.*truncated"):
+        list(ShardDataset(tmp_path / "t", rank=0, world_size=1, shuffle=False, image_size=16, on_bad_sample="fail"))
+
+
 def test_bad_samples_fail_when_asked(bad_shards):
     with pytest.raises(DataError, match="corrupt tar header"):
         list(ShardDataset(bad_shards, rank=0, world_size=1, shuffle=False, on_bad_sample="fail"))
@@ -423,7 +631,7 @@ def test_cli_build_shards(tmp_path, capsys):
     (d / "Toys.item.json").write_text(json.dumps({str(i): {"title": f"toy {i}"} for i in range(5)}))
     out = tmp_path / "shards"
     args = ["build-shards", str(d), "--out", str(out), "--max-count", "2", "--images", "placeholder",
-            "--image-size", "24"]
+            "--placeholder-size", "24"]
     assert main(args) == 0
     assert "5 items in 3 shards" in capsys.readouterr().out
     got = {s["key"]: s for s in ShardDataset(out, rank=0, world_size=1)}
@@ -432,3 +640,13 @@ def test_cli_build_shards(tmp_path, capsys):
     assert main(args) == 2
     assert "already holds shards" in capsys.readouterr().err
     assert main(args + ["--overwrite"]) == 0
+    assert main(args + ["--overwrite", "--image-size", "16"]) == 0
+    assert "(images stored at 16x16)" in capsys.readouterr().out
+    assert load_manifest(out)["image_size"] == [16, 16]
+    raw = _stored(out)
+    assert all(Image.open(io.BytesIO(v[1])).size == (16, 16) and v[2]["image_original_size"] == [24, 24]
+               for v in raw.values())
+    got = {s["key"]: s for s in ShardDataset(out, rank=0, world_size=1, image_size=16)}
+    assert got["Toys/4"]["image"].shape == (3, 16, 16)
+    assert main(args + ["--overwrite", "--image-size", "16", "--image-quality", "0"]) == 2
+    assert "image quality must be in [1, 100]" in capsys.readouterr().err

@@ -10,7 +10,13 @@ The metadata JSON is ``{"key", "domain", "item_id", "text", "positives",
 ``"<domain>/<item id>"``, ``text`` the item's text fields (``{}`` without an
 item file), ``positives`` the domain-qualified keys of its co-occurrence
 positives (one-hop neighbours in the training split), ``image_source`` where
-the image came from (a path, ``"placeholder"``) or ``null``.
+the image came from (a path, ``"placeholder"``) or ``null``; and, when images
+were resized at build time, ``image_original_size`` (``[height, width]`` of the
+source image).
+
+The manifest's ``image_size`` is ``[height, width]`` when every image was
+resized to it (and re-encoded as ``image_format``) at build time, ``null`` (or
+absent) when images are stored as they were on disk.
 
 The manifest lists every shard with its item count, so a reader can give each
 rank the same number of samples without opening any shard.

@@ -19,6 +19,17 @@ Epoch plan (computed from the manifest alone, identically on every rank):
    disagree on the number of steps hang;
 4. each slot passes through a shuffle buffer seeded with ``(seed, epoch, slot)``.
 
+Images: decoded with PIL to RGB in the reading process (the DataLoader worker).
+With ``image_size`` (the model's input resolution), a JPEG is decoded at reduced
+scale (``Image.draft``) and resized to exactly that size in torch, giving a
+``(3, H, W)`` uint8 tensor (:func:`megarec.data.images.load_image`): 3-4x faster
+for 500 px photos and a 224 px model than a full decode followed by PIL's resize,
+and decoding is what dominates reading (``tools/bench_data.py``). Shards built
+with ``write_shards(image_size=...)`` already store images at that size (the
+manifest's ``image_size``): reading them at it decodes at full scale and skips
+the resize. Asking for more than the stored size upsamples, which a stored
+image's lost detail cannot give back: it is logged as a warning, once per dataset.
+
 Bad samples (a corrupt or truncated tar member, broken JSON, an undecodable
 image): with ``on_bad_sample="fail"`` they raise :class:`DataError`; with
 ``"skip"`` they are counted (``bad_samples``), logged with the rank, and
@@ -38,7 +49,6 @@ run substitutes with the last good sample it decoded itself.
 """
 from __future__ import annotations
 
-import io
 import json
 import math
 import random
@@ -47,10 +57,10 @@ from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
 
 import torch
-from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from megarec.data.domain import DataError
+from megarec.data.images import image_hw, load_image, open_rgb
 from megarec.data.shard_format import IMAGE_EXTS, load_manifest, unsafe_key
 from megarec.data.tar_samples import TarError, iter_samples
 from megarec.distributed import get_logger, get_rank, get_world_size
@@ -126,8 +136,14 @@ def buffer_shuffle(stream: Iterator[Any], size: int, rng: random.Random) -> Iter
     yield from buf
 
 
-def decode_sample(key: str, raw: dict[str, bytes], load_images: bool = True) -> dict:
-    """Turn a raw tar sample into ``{key, domain, item_id, text, positives, image}``; :class:`_BadSample` if broken."""
+def decode_sample(key: str, raw: dict[str, bytes], load_images: bool = True,
+                  image_size: int | tuple[int, int] | None = None, image_draft: bool = True) -> dict:
+    """Turn a raw tar sample into ``{key, domain, item_id, text, positives, image}``; :class:`_BadSample` if broken.
+
+    ``image`` is ``None`` (no image, or ``load_images=False``), an RGB PIL image at its stored
+    size, or with ``image_size`` a ``(3, H, W)`` uint8 tensor at that size
+    (:func:`~megarec.data.images.load_image`, JPEGs drafted unless ``image_draft=False``).
+    """
     if "json" not in raw:
         raise _BadSample("no .json member")
     try:
@@ -147,8 +163,9 @@ def decode_sample(key: str, raw: dict[str, bytes], load_images: bool = True) -> 
     image = None
     if load_images and exts:
         try:
-            with Image.open(io.BytesIO(raw[exts[0]])) as im:
-                image = im.convert("RGB")  # forces the full decode: truncated data fails here
+            # Both force the whole decode: truncated data fails here, not later in the model.
+            data = raw[exts[0]]
+            image = open_rgb(data) if image_size is None else load_image(data, image_size, image_draft)
         except Exception as e:  # PIL raises many types (UnidentifiedImageError, OSError, SyntaxError, ...)
             raise _BadSample(f"undecodable .{exts[0]} image ({type(e).__name__}: {e})") from None
     return {"key": meta["key"], "domain": meta["domain"], "item_id": meta["item_id"], "text": meta["text"],
@@ -179,7 +196,15 @@ class ShardDataset(IterableDataset):
         uneven: ``"pad"`` or ``"drop"`` (module docstring).
         on_bad_sample: ``"skip"`` (count, log, substitute) or ``"fail"`` (raise).
         load_images: decode images with PIL; ``False`` yields ``image=None``.
-        image_transform: applied to each decoded PIL image (in the worker).
+        image_size: the model's input resolution, one side or ``(height, width)``: images come
+            as ``(3, H, W)`` uint8 tensors of exactly that size, JPEGs decoded at reduced scale
+            (module docstring). ``None`` (default): RGB PIL images at their stored size. Shards
+            built at a size (``stored_image_size``, from the manifest) read at that size with
+            no resize; a larger size is upsampled and logged as a warning.
+        image_draft: with ``image_size``, decode JPEGs at reduced DCT scale (default); ``False``
+            decodes at full size before resizing (slower, for comparison).
+        image_transform: applied to each decoded image (in the worker): the PIL image, or the
+            uint8 tensor with ``image_size``.
 
     Iterated in this process, one pass yields the current epoch from the
     current position and then moves on to the next epoch. Through a plain
@@ -193,7 +218,8 @@ class ShardDataset(IterableDataset):
                  collate_fn: Callable[[list[dict]], Any] = collate_items, shuffle: bool = True, seed: int = 0,
                  buffer_size: int = 1000, rank: int | None = None, world_size: int | None = None,
                  num_workers: int = 0, uneven: str = "pad", on_bad_sample: str = "skip",
-                 load_images: bool = True, image_transform: Callable[[Image.Image], Any] | None = None) -> None:
+                 load_images: bool = True, image_size: int | tuple[int, int] | None = None,
+                 image_draft: bool = True, image_transform: Callable[[Any], Any] | None = None) -> None:
         super().__init__()
         if on_bad_sample not in ON_BAD_SAMPLE:
             raise ValueError(f"on_bad_sample must be one of {ON_BAD_SAMPLE}, got {on_bad_sample!r}")
@@ -215,6 +241,14 @@ class ShardDataset(IterableDataset):
         self.shuffle, self.seed, self.buffer_size = shuffle, seed, buffer_size
         self.uneven, self.on_bad_sample = uneven, on_bad_sample
         self.load_images, self.image_transform = load_images, image_transform
+        self.image_size = None if image_size is None else image_hw(image_size)
+        self.image_draft = image_draft
+        self.stored_image_size = _stored_size(self.manifest)
+        if self.image_size and self.stored_image_size and load_images and any(
+                want > have for want, have in zip(self.image_size, self.stored_image_size)):
+            log.warning("image_size %s is larger than the %s images these shards store (%s, built with image_size): "
+                        "they will be upsampled; rebuild the shards at the model's resolution", self.image_size,
+                        self.stored_image_size, path)
         slots = self.world_size * self.workers
         self.per_slot = math.ceil(self.num_items / slots) if uneven == "pad" else self.num_items // slots
         if self.per_slot == 0:
@@ -315,7 +349,8 @@ class ShardDataset(IterableDataset):
             try:
                 if isinstance(entry, _Lost):
                     raise _BadSample(entry.reason)
-                sample = decode_sample(*entry, load_images=self.load_images)
+                sample = decode_sample(*entry, load_images=self.load_images, image_size=self.image_size,
+                                       image_draft=self.image_draft)
             except _BadSample as e:
                 what = "lost sample" if isinstance(entry, _Lost) else f"bad sample {entry[0]!r}"
                 if self.on_bad_sample == "fail":
@@ -359,6 +394,17 @@ class ShardDataset(IterableDataset):
             out["worker"] = info.id if info else 0
             out["bad_samples"] = self.bad_samples - self._bad_at_start  # this worker, this pass
         return out
+
+
+def _stored_size(manifest: dict) -> tuple[int, int] | None:
+    """The ``(height, width)`` images were resized to when the shards were built; ``None``: as on disk."""
+    size = manifest.get("image_size")
+    if size is None:
+        return None
+    try:
+        return image_hw(tuple(size) if isinstance(size, list) else size)
+    except ValueError:
+        raise DataError(f"shard manifest: 'image_size' must be null or [height, width], got {size!r}") from None
 
 
 def _identity(x: Any) -> Any:

@@ -1,4 +1,10 @@
-"""Write domains as WebDataset item shards (format: :mod:`megarec.data.shard_format`)."""
+"""Write domains as WebDataset item shards (format: :mod:`megarec.data.shard_format`).
+
+Images are stored as they are on disk, or (``image_size``) resized to the model's
+input resolution and re-encoded once, at build time, as img2dataset prepares
+WebDataset shards for a known training resolution: reading then decodes a small
+file and needs no resize (:func:`megarec.data.images.prepare_image`).
+"""
 from __future__ import annotations
 
 import json
@@ -10,7 +16,8 @@ import webdataset as wds
 from tqdm import tqdm
 
 from megarec.data.domain import DataError, Domain, MultiDomain
-from megarec.data.images import placeholder_bytes
+from megarec.data.images import STORED_FORMATS, image_hw, placeholder_bytes, prepare_image
+from megarec.data.images import image_format as format_name  # write_shards has an image_format argument
 from megarec.data.shard_format import (FORMAT, IMAGE_EXTS, MANIFEST, SHARD_GLOB, SHARD_PATTERN, safe_key,
                                        write_manifest)
 from megarec.data.splits import cooccurrence_positives, leave_one_out
@@ -57,26 +64,36 @@ def _check_image_files(domains: list[Domain]) -> None:
                         f"`megarec download-images` and pass its folder as --image-dir), e.g. {bad[:3]}")
 
 
-def _samples(domains: list[Domain], positives: Sequence[Sequence[str]], images: str,
-             image_size: int) -> Iterator[dict]:
+def _samples(domains: list[Domain], positives: Sequence[Sequence[str]], images: str, placeholder_size: int,
+             resize: tuple[tuple[int, int], str, int] | None) -> Iterator[dict]:
+    """One WebDataset sample per item; ``resize``: ``((height, width), format, quality)`` to store images at."""
     g = 0
     for d in domains:
         for i, item_id in enumerate(d.item_ids):
             key = f"{d.name}/{item_id}"
             path = d.image(i)
             sample = {"__key__": safe_key(key)}
-            source = None
+            source, data, ext, original = None, None, "jpg", None
             if images == "files" and path is not None:
                 with open(path, "rb") as fh:
                     data = fh.read()
-                sample[_image_ext(data, path)] = data
-                source = str(path)
+                ext, source = _image_ext(data, path), str(path)
             elif images == "placeholder":
-                sample["jpg"] = placeholder_bytes(key, image_size)
-                source = "placeholder"
+                data, source = placeholder_bytes(key, placeholder_size), "placeholder"
+            if data is not None and resize is not None:
+                try:
+                    data, original = prepare_image(data, *resize)
+                except Exception as e:  # PIL raises many types (UnidentifiedImageError, OSError, SyntaxError, ...)
+                    raise DataError(f"{key}: cannot resize image {source} to {resize[0]} "
+                                    f"({type(e).__name__}: {e})") from None
+                ext = STORED_FORMATS[resize[1]]
+            if data is not None:
+                sample[ext] = data
             meta = {"key": key, "domain": d.name, "item_id": item_id,
                     "text": dict(d.item_text[i]) if d.item_text is not None else {},
                     "positives": list(positives[g]), "image_source": source}
+            if original is not None:
+                meta["image_original_size"] = list(original)  # (height, width) before the build-time resize
             sample["json"] = json.dumps(meta, ensure_ascii=False).encode("utf-8")
             g += 1
             yield sample
@@ -84,7 +101,8 @@ def _samples(domains: list[Domain], positives: Sequence[Sequence[str]], images: 
 
 def write_shards(data: Domain | MultiDomain | Sequence[Domain], out_dir: str | Path, *, max_count: int = 10000,
                  max_size: int = 1 << 30, positives: Sequence[Sequence[str]] | None = None,
-                 images: str = "none", image_size: int = 256, max_len: int = 20, overwrite: bool = False,
+                 images: str = "none", image_size: int | tuple[int, int] | None = None, image_format: str = "JPEG",
+                 image_quality: int = 95, placeholder_size: int = 256, max_len: int = 20, overwrite: bool = False,
                  progress: bool = False) -> list[Path]:
     """Write every item of ``data`` into ``out_dir/items-%06d.tar`` and ``index.json``.
 
@@ -96,11 +114,29 @@ def write_shards(data: Domain | MultiDomain | Sequence[Domain], out_dir: str | P
     training split (histories capped at ``max_len``). ``images``: ``"none"``
     (no image members), ``"files"`` (each item's image file as stored on disk;
     items without one get none), ``"placeholder"`` (a rendered
-    ``image_size`` px JPEG for every item, see :mod:`megarec.data.images`).
+    ``placeholder_size`` px JPEG for every item, see :mod:`megarec.data.images`).
+
+    ``image_size`` (one side or ``(height, width)``, the model's input
+    resolution): store each image resized to exactly that size, the way
+    ``ShardDataset(image_size=...)`` resizes at read time (drafted JPEG decode,
+    torch's uint8 bicubic resize), re-encoded as ``image_format`` (JPEG, PNG or
+    WEBP) at ``image_quality``. The manifest records the stored size
+    (``image_size``, ``[height, width]``; ``null`` for images as on disk) and each
+    item's metadata its ``image_original_size``. The original image is not kept.
     Returns the shard paths in order.
     """
     if images not in IMAGE_MODES:
         raise DataError(f"images must be one of {IMAGE_MODES}, got {images!r}")
+    resize = None
+    if image_size is not None:
+        if images == "none":
+            raise DataError("image_size resizes stored images, but images='none' stores none")
+        try:
+            resize = (image_hw(image_size), format_name(image_format), int(image_quality))
+        except ValueError as e:
+            raise DataError(str(e)) from None
+        if not 1 <= resize[2] <= 100:
+            raise DataError(f"image quality must be in [1, 100], got {image_quality}")
     if max_count < 1 or max_size < 1:
         raise DataError(f"max_count and max_size must be >= 1, got {max_count} and {max_size}")
     domains = _as_domains(data)
@@ -127,7 +163,7 @@ def write_shards(data: Domain | MultiDomain | Sequence[Domain], out_dir: str | P
     # mtime=0 makes the shards byte-identical across rebuilds; PAX headers carry long keys.
     with wds.ShardWriter(pattern, maxcount=max_count, maxsize=max_size, verbose=0, encoder=False,
                          mtime=0, format="PAX_FORMAT") as sink:
-        for sample in tqdm(_samples(domains, positives, images, image_size), total=num_items,
+        for sample in tqdm(_samples(domains, positives, images, placeholder_size, resize), total=num_items,
                            desc="build-shards", unit="item", disable=not progress):
             sink.write(sample)
             counts[sink.fname] = counts.get(sink.fname, 0) + 1
@@ -136,6 +172,10 @@ def write_shards(data: Domain | MultiDomain | Sequence[Domain], out_dir: str | P
         "format": FORMAT,
         "num_items": num_items,
         "images": images,
+        # Stored image size ([height, width]) when resized at build time; null: images as on disk.
+        "image_size": list(resize[0]) if resize else None,
+        "image_format": resize[1] if resize else None,
+        "image_quality": resize[2] if resize and resize[1] != "PNG" else None,
         "max_len": max_len,
         "domains": [{"name": d.name, "items": d.num_items, "has_text": d.has_text} for d in domains],
         "shards": [{"path": p.name, "count": counts[str(p)], "bytes": p.stat().st_size} for p in paths],
