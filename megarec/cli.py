@@ -15,6 +15,28 @@ from megarec.data.domain import DataError
 from megarec.config import ConfigError
 
 
+# --------------------------------------------------------------------------- quickstart
+def _add_quickstart(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    p = sub.add_parser("quickstart", help="everything end to end on the embedded sample, on CPU",
+                       description="Statistics, item shards, then SASRec and TIGER (tokenizer -> codes -> T5 -> "
+                                   "beam search) trained and tested on each embedded domain; ends with a "
+                                   "Recall/NDCG table. TensorBoard logs under --out.")
+    p.add_argument("--out", default="runs/quickstart", help="output folder (default: runs/quickstart)")
+    p.add_argument("--methods", default="sasrec,tiger", help="comma-separated methods (default: sasrec,tiger)")
+    p.add_argument("--domains", nargs="*", default=None, help="sample domains to use (default: all three)")
+    p.add_argument("--profile", default="quickstart", help="training profile (default: quickstart)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    return p
+
+
+def _cmd_quickstart(args: argparse.Namespace) -> int:
+    from megarec.quickstart import run_quickstart
+
+    run_quickstart(args.out, methods=[m for m in args.methods.split(",") if m], profile=args.profile,
+                   domains=args.domains, progress=not args.no_progress)
+    return 0
+
+
 # --------------------------------------------------------------------------- stats
 def _add_stats(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     p = sub.add_parser("stats", help="per-domain users, items, interactions, avg length, sparsity",
@@ -91,8 +113,9 @@ def _add_build_shards(sub: argparse._SubParsersAction) -> argparse.ArgumentParse
     p = sub.add_parser("build-shards", help="write items (metadata, positives, images) as WebDataset tar shards",
                        description="Read one or more domains and write every item as a WebDataset sample "
                                    "(<key>.json metadata with text fields and co-occurrence positives from the "
-                                   "leave-one-out training split, plus <key>.jpg/png when there is an image) into "
-                                   "OUT/items-%%06d.tar, with a manifest OUT/index.json.")
+                                   "leave-one-out training split, plus <key>.jpg/png when there is an image, as on disk "
+                                   "or resized to --image-size) into OUT/items-%06d.tar, with a manifest "
+                                   "OUT/index.json.")
     p.add_argument("paths", nargs="+", help="domain folders or files (any supported format)")
     p.add_argument("--out", required=True, help="output folder for the shards and index.json")
     p.add_argument("--max-count", type=int, default=10000, help="items per shard at most")
@@ -102,7 +125,13 @@ def _add_build_shards(sub: argparse._SubParsersAction) -> argparse.ArgumentParse
                    help="none: no images; files: each item's image file; placeholder: a rendered JPEG per item")
     p.add_argument("--image-dir", default=None,
                    help="with --images files: folder filled by `megarec download-images` (image URLs -> files)")
-    p.add_argument("--image-size", type=int, default=256, help="placeholder image side in pixels")
+    p.add_argument("--image-size", type=int, default=None,
+                   help="store every image resized to this side (the model's input resolution), re-encoded: "
+                        "reading at that size skips the resize; the originals are not kept (default: as is)")
+    p.add_argument("--image-format", choices=("jpeg", "png", "webp"), default="jpeg",
+                   help="with --image-size: encoding of the stored images")
+    p.add_argument("--image-quality", type=int, default=95, help="with --image-size: JPEG/WebP quality (1-100)")
+    p.add_argument("--placeholder-size", type=int, default=256, help="with --images placeholder: side in pixels")
     p.add_argument("--max-len", type=int, default=20, help="history length of the leave-one-out split")
     p.add_argument("--kcore", type=int, default=None, help="k-core filtering (default: the format's)")
     p.add_argument("--overwrite", action="store_true", help="replace shards already in --out")
@@ -118,14 +147,18 @@ def _cmd_build_shards(args: argparse.Namespace) -> int:
         from megarec.data.download_images import with_local_images
         domains = [with_local_images(d, args.image_dir) for d in domains]
     paths = write_shards(domains, args.out, max_count=args.max_count, max_size=args.max_size, images=args.images,
-                         image_size=args.image_size, max_len=args.max_len, overwrite=args.overwrite, progress=True)
+                         image_size=args.image_size, image_format=args.image_format, image_quality=args.image_quality,
+                         placeholder_size=args.placeholder_size, max_len=args.max_len, overwrite=args.overwrite,
+                         progress=True)
     manifest = json.loads((paths[0].parent / "index.json").read_text())
     rows = [{"domain": d.name, "items": d.num_items, "text": d.has_text,
              "images": sum(p is not None for p in d.item_image or []) if args.images == "files"
              else (d.num_items if args.images == "placeholder" else 0)} for d in domains]
     print(format_table(rows, ["domain", "items", "text", "images"]))
     size = sum(s["bytes"] for s in manifest["shards"])
-    print(f"{manifest['num_items']:,} items in {len(paths)} shards ({size / 2**20:.1f} MiB) under {args.out}")
+    stored = "" if manifest["image_size"] is None else \
+        " (images stored at {}x{})".format(*manifest["image_size"][::-1])  # width x height
+    print(f"{manifest['num_items']:,} items in {len(paths)} shards ({size / 2**20:.1f} MiB) under {args.out}{stored}")
     return 0
 
 
@@ -217,11 +250,13 @@ def _add_train_rec(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
                    help="none: this process, one rank; deepspeed: start the deepspeed launcher")
     p.add_argument("--num_gpus", type=int, default=1, help="ranks per node with --launcher deepspeed "
                                                            "(CPU ranks when there is no GPU)")
+    p.add_argument("--master_port", type=int, default=None, help="rendezvous port for --launcher deepspeed")
     p.set_defaults(_overrides=True)
     return p
 
 
 def _cmd_train_rec(args: argparse.Namespace) -> int:
+    import shutil
     import subprocess
     from pathlib import Path
 
@@ -233,7 +268,10 @@ def _cmd_train_rec(args: argparse.Namespace) -> int:
             *(["--init_from", args.init_from] if args.init_from else []),
             *(["--profile", args.profile] if args.profile else []), *args.overrides]
     if args.launcher == "deepspeed":
-        cmd = ["deepspeed", "--num_gpus", str(args.num_gpus), str(Path(train_rec.__file__)), *argv]
+        port = ["--master_port", str(args.master_port)] if args.master_port else []
+        exe = shutil.which("deepspeed")
+        launcher = [exe] if exe else [sys.executable, "-m", "deepspeed.launcher.runner"]
+        cmd = [*launcher, "--num_gpus", str(args.num_gpus), *port, str(Path(train_rec.__file__)), *argv]
         return subprocess.call(cmd)
     return train_rec.main(argv)
 
@@ -349,6 +387,7 @@ def _cmd_export_embeddings(args: argparse.Namespace) -> int:
 
 
 COMMANDS: list[tuple[Callable, Callable]] = [
+    (_add_quickstart, _cmd_quickstart),
     (_add_stats, _cmd_stats),
     (_add_download_images, _cmd_download_images),
     (_add_build_shards, _cmd_build_shards),

@@ -1,0 +1,197 @@
+"""DeepSpeed setup: process group, ``"auto"`` values of a ds config, engine.
+
+A ds config (``ds_configs/*.json``) holds the real cluster settings (ZeRO stage,
+offload, bf16, clipping, optimizer, scheduler); values that depend on the run
+are written ``"auto"`` and filled here from the training config:
+
+- ``train_micro_batch_size_per_gpu`` <- batch size, ``gradient_accumulation_steps`` <- 1,
+  ``train_batch_size`` is derived by DeepSpeed (an ``"auto"`` there is dropped);
+- ``optimizer.params.lr`` / ``weight_decay``;
+- ``bf16.enabled: "auto"`` -> on when the accelerator is not the CPU and supports
+  bf16. On CPU training runs in fp32 (DeepSpeed's own bf16 path is not meant for
+  CPU, and plain DeepSpeed does not accept ``"auto"``, so we resolve it here);
+- on the CPU accelerator without optimizer offload, Adam/AdamW get
+  ``torch_adam: true`` (DeepSpeed's FusedAdam is a GPU kernel).
+
+The LR schedule is :class:`WarmupCosine` (linear warmup, cosine decay), given to
+DeepSpeed as its client scheduler so its state travels in DeepSpeed checkpoints.
+Written here rather than taken from DeepSpeed's ``WarmupCosineLR`` because that one
+runs the first two optimizer steps at LR 0 (and the first one even without
+warmup). A ds config that has its own ``scheduler`` section keeps it instead.
+"""
+from __future__ import annotations
+
+import copy
+import json
+import math
+import os
+import socket
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from megarec.config import ConfigError
+
+# Used when no --deepspeed file is given: one process or plain data parallel, fp32 on CPU.
+DEFAULT_DS_CONFIG: dict[str, Any] = {
+    "train_micro_batch_size_per_gpu": "auto",
+    "gradient_accumulation_steps": "auto",
+    "gradient_clipping": 1.0,
+    "bf16": {"enabled": "auto"},
+    "zero_optimization": {"stage": 0},
+    "optimizer": {"type": "AdamW", "params": {"lr": "auto", "betas": [0.9, 0.999], "eps": 1e-8,
+                                              "weight_decay": "auto"}},
+    "steps_per_print": 1000000000,
+    "wall_clock_breakdown": False,
+}
+
+
+def accelerator_name() -> str:
+    from deepspeed.accelerator import get_accelerator
+
+    return get_accelerator().device_name()
+
+
+def device() -> torch.device:
+    """This rank's device (``cpu`` or ``cuda:<local rank>``, from DeepSpeed's accelerator)."""
+    from deepspeed.accelerator import get_accelerator
+
+    acc = get_accelerator()
+    if acc.device_name() == "cpu":
+        return torch.device("cpu")
+    return torch.device(acc.device_name(int(os.environ.get("LOCAL_RANK", 0))))
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def init_distributed() -> None:
+    """Join the launcher's process group, or start a 1-rank group when run without a launcher."""
+    import deepspeed
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        return
+    if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
+        os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", LOCAL_SIZE="1")
+        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+        os.environ.setdefault("MASTER_PORT", str(_free_port()))
+    deepspeed.init_distributed(verbose=False)
+    from deepspeed.accelerator import get_accelerator
+
+    if get_accelerator().device_name() != "cpu":
+        get_accelerator().set_device(int(os.environ.get("LOCAL_RANK", 0)))
+
+
+def load_ds_config(source: str | Path | dict | None) -> dict[str, Any]:
+    """Read a ds config (path or dict; ``None`` -> :data:`DEFAULT_DS_CONFIG`)."""
+    if source is None or source == "":
+        return copy.deepcopy(DEFAULT_DS_CONFIG)
+    if isinstance(source, dict):
+        return copy.deepcopy(source)
+    path = Path(source)
+    if not path.is_file():
+        raise ConfigError(f"DeepSpeed config {path} does not exist")
+    try:
+        cfg = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"{path}: not valid JSON: {e}") from e
+    if not isinstance(cfg, dict):
+        raise ConfigError(f"{path}: top level must be a JSON object")
+    return cfg
+
+
+def _fill(section: dict, key: str, value: Any) -> None:
+    if section.get(key, "auto") == "auto":
+        section[key] = value
+
+
+def resolve_ds_config(source: str | Path | dict | None, *, micro_batch_size: int, lr: float,
+                      weight_decay: float, accelerator: str | None = None) -> dict[str, Any]:
+    """A ds config with every ``"auto"`` filled (see the module docstring)."""
+    cfg = load_ds_config(source)
+    acc = accelerator or accelerator_name()
+    _fill(cfg, "train_micro_batch_size_per_gpu", int(micro_batch_size))
+    _fill(cfg, "gradient_accumulation_steps", 1)
+    if cfg.get("train_batch_size") == "auto":
+        del cfg["train_batch_size"]
+    for half in ("bf16", "fp16"):
+        sec = cfg.get(half)
+        if isinstance(sec, dict) and sec.get("enabled") == "auto":
+            if half == "bf16":
+                from deepspeed.accelerator import get_accelerator
+
+                sec["enabled"] = acc != "cpu" and bool(get_accelerator().is_bf16_supported())
+            else:
+                sec["enabled"] = False
+    zero = cfg.get("zero_optimization", {})
+    offload = (zero.get("offload_optimizer") or {}).get("device", "none") not in ("none", None)
+    opt = cfg.get("optimizer")
+    if opt is not None:
+        params = opt.setdefault("params", {})
+        _fill(params, "lr", float(lr))
+        _fill(params, "weight_decay", float(weight_decay))
+        if acc == "cpu" and not offload and opt.get("type", "").lower() in ("adam", "adamw"):
+            params.setdefault("torch_adam", True)
+    left = [k for k, v in _walk(cfg) if v == "auto"]
+    if left:
+        raise ConfigError(f"DeepSpeed config: no value for {', '.join(left)} (\"auto\" is only filled for the "
+                          "batch size, optimizer lr / weight_decay and bf16.enabled)")
+    return cfg
+
+
+def warmup_cosine(step: int, warmup_steps: int, total_steps: int, min_ratio: float = 0.0) -> float:
+    """LR factor of optimizer step ``step`` (0-based): linear warmup ``(step + 1) / warmup_steps``,
+    then cosine from 1 to ``min_ratio`` at ``total_steps`` (held there afterwards)."""
+    if step < warmup_steps:
+        return (step + 1) / warmup_steps
+    progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
+    return min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+class WarmupCosine:
+    """:func:`warmup_cosine` as a ``LambdaLR`` factor; a plain object so its settings are
+    saved with the scheduler state in checkpoints."""
+
+    def __init__(self, warmup_steps: int, total_steps: int, min_ratio: float = 0.0) -> None:
+        self.warmup_steps, self.total_steps, self.min_ratio = int(warmup_steps), int(total_steps), float(min_ratio)
+
+    def __call__(self, step: int) -> float:
+        return warmup_cosine(step, self.warmup_steps, self.total_steps, self.min_ratio)
+
+
+def _walk(d: Any, prefix: str = ""):
+    if isinstance(d, dict):
+        for k, v in d.items():
+            yield from _walk(v, f"{prefix}{k}.")
+    else:
+        yield prefix.rstrip("."), d
+
+
+def zero_stage(ds_config: dict) -> int:
+    return int(ds_config.get("zero_optimization", {}).get("stage", 0))
+
+
+def build_engine(model: torch.nn.Module, ds_config: dict[str, Any], schedule: WarmupCosine | None = None):
+    """``deepspeed.initialize`` with the optimizer of a resolved ds config and ``schedule``.
+
+    Returns the engine (``engine.module`` is the model; ``engine.optimizer`` and
+    ``engine.lr_scheduler`` are DeepSpeed's / ours).
+    """
+    import deepspeed
+
+    init_distributed()
+    params = [p for p in model.parameters() if p.requires_grad]
+    use_ours = schedule is not None and "scheduler" not in ds_config
+    engine, _, _, _ = deepspeed.initialize(
+        model=model, model_parameters=params, config=ds_config, dist_init_required=False,
+        lr_scheduler=(lambda optimizer: torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)) if use_ours else None)
+    return engine
+
+
+def current_lr(engine) -> float:
+    return float(engine.get_lr()[0])

@@ -1,0 +1,133 @@
+"""TIGER (Rajput et al., 2023): semantic IDs from an RQ-VAE over item text, a T5 that
+generates the next item's IDs, trie-constrained beam search at inference.
+
+This module composes shared parts: :class:`~megarec.data.code_sequences.CodeSequenceData`
+(codes -> tokens, several domains in one code space), the T5
+:class:`~megarec.recommender.t5.GenerativeRecommender` trained with next-item token
+cross-entropy (TIGER Sec. 3.2; the ``loss`` of HF T5 with the target item's L tokens
+as labels), :func:`~megarec.recommender.beam_search.beam_search` and
+:class:`~megarec.recommender.metrics.RankingMetrics` for evaluation.
+"""
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Sequence
+
+import numpy as np
+import torch
+
+from megarec.config import ConfigError
+from megarec.data.code_sequences import CodeSamples, CodeSequenceData, select_codes
+from megarec.data.code_vocab import CodeVocab
+from megarec.data.codes import CodesFile
+from megarec.data.domain import Domain
+from megarec.distributed import get_rank, get_world_size
+from megarec.engine.checkpoint import load_state_dict_into
+from megarec.engine.sampler import eval_batches
+from megarec.engine.trainer import TrainTask
+from megarec.recommender.beam_search import beam_search
+from megarec.recommender.metrics import RankingMetrics
+from megarec.recommender.t5 import GenerativeRecommender
+from megarec.recommender.trie import ItemTrie
+
+if TYPE_CHECKING:  # the entry point's config; only its sections are read here
+    from megarec.train_rec import TrainRecConfig
+
+
+def prepare(cfg: "TrainRecConfig", domains: Sequence[Domain]) -> CodeSequenceData:
+    """Tokenised samples; a codes file that does not cover the data is a DataError here, before any compute."""
+    if not cfg.data.codes:
+        raise ConfigError("method tiger needs data.codes: the codes file written by `megarec train-tokenizer`")
+    return CodeSequenceData(domains, CodesFile.load(cfg.data.codes), max_len=cfg.data.max_len,
+                            codes_source=cfg.data.codes)
+
+
+def build_model(cfg: "TrainRecConfig", data: CodeSequenceData) -> GenerativeRecommender:
+    return GenerativeRecommender(cfg.tiger, data.vocab)
+
+
+def domain_tries(data: CodeSequenceData, device: torch.device | str) -> list[ItemTrie]:
+    """One trie per domain over that domain's items (its ranking candidates)."""
+    return [ItemTrie(data.item_tokens[data.domain_items(d)], vocab=data.vocab).to(device)
+            for d in range(len(data.multi.domains))]
+
+
+@torch.no_grad()
+def evaluate(model: GenerativeRecommender, data: CodeSequenceData, per_domain: Sequence[CodeSamples],
+             tries: Sequence[ItemTrie], beam_size: int, batch_size: int, device: torch.device | str,
+             ks: Sequence[int] = (5, 10)) -> dict[str, float]:
+    """Recall/NDCG@K by trie-constrained beam search over each domain's items (PROTOCOL.md).
+
+    Pooled over every user of every domain and rank; with several domains also
+    ``"<domain>/recall@k"`` etc. A collective: every rank runs the same number of
+    beam searches (padded batches), as ZeRO-3 requires.
+    """
+    if beam_size < max(ks):
+        raise ConfigError(f"beam_size ({beam_size}) must be >= the largest K ({max(ks)})")
+    rank, world = get_rank(), get_world_size()
+    several = len(per_domain) > 1
+    pooled = RankingMetrics(ks)
+    out: dict[str, float] = {}
+    for d, samples in enumerate(per_domain):
+        if len(samples) == 0:
+            continue
+        own = RankingMetrics(ks) if several else None
+        offset = int(data.multi.offsets[d])
+        for eb in eval_batches(len(samples), batch_size, rank, world):
+            b = samples.batch(eb.indices, device)
+            items, _ = beam_search(model, b["input_ids"], b["attention_mask"], tries[d], beam_size)
+            ranked = torch.where(items >= 0, items + offset, items)[: eb.num_real]
+            for m in (own, pooled):
+                if m is not None:
+                    m.update(ranked, b["targets"][: eb.num_real])
+        if own is not None:
+            out.update({f"{data.domain_names[d]}/{k}": v for k, v in own.compute(device).items()})
+    out.update(pooled.compute(device))
+    return out
+
+
+def make_task(cfg: "TrainRecConfig", data: CodeSequenceData, device: torch.device,
+              metadata: dict[str, str]) -> TrainTask:
+    tries = domain_tries(data, device)
+
+    def loss(engine, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        out = engine(batch["input_ids"], batch["attention_mask"], batch["labels"])
+        return {"loss": out.loss}
+
+    def run_eval(module: GenerativeRecommender, split: str) -> dict[str, float]:
+        per_domain = data.valid if split == "valid" else data.test
+        return evaluate(module, data, per_domain, tries, cfg.train.beam_size, cfg.train.eval_batch_size, device)
+
+    return TrainTask(num_samples=len(data.train), batch=lambda idx: data.train.batch(idx, device), loss=loss,
+                     evaluate=run_eval, export_metadata=metadata)
+
+
+# --------------------------------------------------------------------------- inference
+class TigerRecommender:
+    """A trained TIGER model for ``megarec recommend``: histories -> top-K item indices."""
+
+    def __init__(self, model: GenerativeRecommender, data_items: np.ndarray, item_tokens: np.ndarray,
+                 max_len: int, beam_size: int) -> None:
+        self.model = model.eval()
+        self.vocab = model.vocab
+        self.item_tokens = item_tokens          # [N, L] tokens of every item of the domains, global order
+        self.max_len, self.beam_size = max_len, beam_size
+        self.trie = ItemTrie(item_tokens[data_items], vocab=self.vocab)
+        self.candidates = torch.from_numpy(np.asarray(data_items, dtype=np.int64))
+
+    @torch.no_grad()
+    def recommend(self, histories: Sequence[np.ndarray], k: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Global item indices ``[B, k]`` (-1 = none) and scores (sequence log-probabilities)."""
+        ids, mask = self.vocab.encode_histories(histories, self.item_tokens, max_items=self.max_len)
+        items, scores = beam_search(self.model, ids, mask, self.trie, max(self.beam_size, k), top_k=k)
+        glob = torch.where(items >= 0, self.candidates[items.clamp(min=0)], items)
+        return glob, scores
+
+
+def load_recommender(cfg: "TrainRecConfig", model_state: dict[str, torch.Tensor], codes: CodesFile,
+                     item_keys: list[str], candidates: np.ndarray) -> TigerRecommender:
+    vocab = CodeVocab(codes.codebook_sizes)
+    model = GenerativeRecommender(cfg.tiger, vocab)
+    load_state_dict_into(model, model_state, source="the trained model")
+    tokens = vocab.item_tokens(select_codes(codes, item_keys))
+    return TigerRecommender(model, candidates, tokens, cfg.data.max_len, cfg.train.beam_size)
+

@@ -1,0 +1,164 @@
+"""``deepspeed --num_gpus 2`` on CPU (gloo) with ZeRO-3: train_rec.py trains a tiny TIGER, a
+second run is SIGKILLed mid-epoch, resumed from its checkpoint, and must end exactly where
+the uninterrupted run ends (weights, step count, LR, loss curve, test metrics).
+
+The two runs go side by side (each on its own master port) to overlap their start-up; the
+resumed one goes through ``megarec train-rec --launcher deepspeed``.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from tests.test_train_rec import REPO, write_codes, write_domain
+
+pytestmark = pytest.mark.slow
+
+EPOCHS, BATCH, WORLD, SAVE_EVERY = 3, 8, 2, 3
+
+
+def _port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _launcher() -> list[str]:
+    exe = shutil.which("deepspeed")
+    return [exe] if exe else [sys.executable, "-m", "deepspeed.launcher.runner"]
+
+
+def _launch(args: list[str], log: Path, env_extra: dict[str, str] | None = None, cli: bool = False) -> subprocess.Popen:
+    """``deepspeed --num_gpus 2 megarec/train_rec.py ARGS``, or the same through
+    ``megarec train-rec --launcher deepspeed`` when ``cli``."""
+    env = dict(os.environ, DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1", MEGAREC_LOG_LEVEL="WARNING",
+               **(env_extra or {}))
+    port = ["--master_port", str(_port())]
+    if cli:
+        cmd = [sys.executable, "-m", "megarec.cli", "train-rec", "--launcher", "deepspeed", "--num_gpus", "2", *port,
+               *args]
+    else:
+        cmd = [*_launcher(), "--num_gpus", "2", *port, str(REPO / "megarec" / "train_rec.py"), *args]
+    return subprocess.Popen(cmd, stdout=log.open("w"), stderr=subprocess.STDOUT, env=env, start_new_session=True)
+
+
+def _wait(proc: subprocess.Popen, log: Path, timeout: float = 400) -> None:
+    try:
+        rc = proc.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        raise AssertionError(f"run timed out; log:\n{log.read_text()[-4000:]}")
+    assert rc == 0, f"exit {rc}; log:\n{log.read_text()[-4000:]}"
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    root = tmp_path_factory.mktemp("dist")
+    a = write_domain(root, "A", 40, 20, seed=5)
+    from megarec.data.readers import read_domain
+    from megarec.data.splits import leave_one_out
+    from megarec.engine.sampler import batches_per_epoch
+
+    spe = batches_per_epoch(len(leave_one_out(read_domain(a)).train), BATCH, WORLD)
+    hang_at = spe + 5                                  # mid epoch 1, a few steps past a checkpoint
+    last_ckpt = max(s for s in range(1, hang_at + 1) if s % SAVE_EVERY == 0 or s % spe == 0)
+    codes = write_codes(root / "codes.safetensors", [("A", 20)], [5, 4])
+    z3 = json.loads((REPO / "ds_configs" / "zero3.json").read_text())
+    z3["zero_optimization"]["stage3_param_persistence_threshold"] = 0   # partition even tiny tensors
+    (root / "z3.json").write_text(json.dumps(z3))
+    common = ["--deepspeed", str(root / "z3.json"), "--profile", "tiny", "--method", "tiger",
+              "--data.paths", str(a), "--data.codes", str(codes), "--train.epochs", str(EPOCHS),
+              "--train.batch_size", str(BATCH), "--train.lr", "0.01", "--train.eval_every", str(EPOCHS),
+              "--train.save_every_steps", str(SAVE_EVERY), "--train.log_every", "1", "--train.progress", "false",
+              "--train.keep_checkpoints", "2"]
+    full, cut = root / "full", root / "cut"
+    p_full = _launch([*common, "--train.run_dir", str(full)], root / "full.log")
+    p_cut = _launch([*common, "--train.run_dir", str(cut)], root / "cut.log",
+                    {"MEGAREC_TEST_HANG_AFTER_STEP": str(hang_at)})
+    marker = cut / f"hanging_at_step{hang_at}"
+    deadline = time.time() + 400
+    while not marker.exists():
+        assert p_cut.poll() is None, f"run ended before the kill:\n{(root / 'cut.log').read_text()[-4000:]}"
+        assert time.time() < deadline, "run never reached the hang step"
+        time.sleep(0.2)
+    os.killpg(p_cut.pid, signal.SIGKILL)
+    p_cut.wait(timeout=60)
+    latest = (cut / "checkpoints" / "latest").read_text().strip()
+    killed_files = sorted(p.name for p in (cut / "checkpoints" / latest).iterdir())
+    p_resume = _launch([*common, "--train.run_dir", str(cut), "--resume"], root / "resume.log", cli=True)
+    _wait(p_full, root / "full.log")
+    _wait(p_resume, root / "resume.log")
+    return {"full": full, "cut": cut, "latest_at_kill": latest, "killed_files": killed_files, "spe": spe,
+            "hang_at": hang_at, "last_ckpt": last_ckpt}
+
+
+def _scalars(run: Path, tag: str) -> dict[int, float]:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(run / "tb"))
+    acc.Reload()
+    return {e.step: e.value for e in acc.Scalars(tag)}
+
+
+def test_zero3_two_ranks_train(runs):
+    m = json.loads((runs["full"] / "metrics.json").read_text())
+    total = EPOCHS * runs["spe"]
+    assert m["global_step"] == total and m["epochs_run"] == EPOCHS
+    assert m["test"]["count"] == 40                      # every user once, over both ranks
+    loss = _scalars(runs["full"], "loss/loss")
+    assert sorted(loss) == list(range(1, total + 1))
+    first, last = sum(loss[s] for s in range(1, 4)) / 3, sum(loss[s] for s in range(total - 2, total + 1)) / 3
+    assert last < 0.7 * first, (first, last)
+    # a real ZeRO-3 checkpoint: one optimizer partition per rank
+    assert {"zero_pp_rank_0_mp_rank_00_optim_states.pt", "zero_pp_rank_1_mp_rank_00_optim_states.pt",
+            "rng_rank0.pt", "rng_rank1.pt"} <= set(runs["killed_files"])
+
+
+def test_killed_run_resumes_to_the_same_state(runs):
+    assert runs["hang_at"] > runs["last_ckpt"] > runs["spe"]         # killed mid-epoch, past its checkpoint
+    assert runs["latest_at_kill"] == f"step{runs['last_ckpt']}"
+    full = json.loads((runs["full"] / "metrics.json").read_text())
+    cut = json.loads((runs["cut"] / "metrics.json").read_text())
+    assert full["resumed_from_step"] is None and cut["resumed_from_step"] == runs["last_ckpt"]
+    assert cut["global_step"] == full["global_step"] and cut["epochs_run"] == full["epochs_run"]
+    assert cut["lr"] == pytest.approx(full["lr"], rel=1e-9)
+    for k in ("recall@5", "recall@10", "ndcg@5", "ndcg@10"):
+        assert cut["test"][k] == pytest.approx(full["test"][k], abs=1e-9), k
+    from safetensors.torch import load_file
+
+    w_full = load_file(str(runs["full"] / "model" / "model.safetensors"))
+    w_cut = load_file(str(runs["cut"] / "model" / "model.safetensors"))
+    assert w_full.keys() == w_cut.keys()
+    for k in w_full:
+        torch.testing.assert_close(w_cut[k], w_full[k], rtol=1e-5, atol=1e-6, msg=k)
+    # the loss curve (killed run up to its checkpoint + resumed run) is the uninterrupted one
+    l_full, l_cut = _scalars(runs["full"], "loss/loss"), _scalars(runs["cut"], "loss/loss")
+    assert sorted(l_cut) == sorted(l_full)
+    for s in l_full:
+        assert l_cut[s] == pytest.approx(l_full[s], rel=1e-5, abs=1e-6), s
+    lr_full, lr_cut = _scalars(runs["full"], "train/lr"), _scalars(runs["cut"], "train/lr")
+    assert all(lr_cut[s] == pytest.approx(lr_full[s], rel=1e-6) for s in lr_full)
+
+
+def test_init_from_reads_a_zero3_checkpoint(runs):
+    """``--init_from`` accepts a DeepSpeed ZeRO-3 checkpoint folder: the partitions of both ranks are
+    consolidated (zero_to_fp32) into the same weights as the exported model of that epoch."""
+    from safetensors.torch import load_file
+
+    from megarec.engine.checkpoint import read_weights
+
+    exported = load_file(str(runs["full"] / "model" / "model.safetensors"))
+    state, _ = read_weights(runs["full"] / "checkpoints")       # latest = the last epoch end
+    assert set(state) == set(exported)             # tied embeddings included: loadable with --init_from
+    for k, v in state.items():
+        torch.testing.assert_close(v.float(), exported[k], rtol=0, atol=0, msg=k)
