@@ -245,7 +245,7 @@ def _add_train_rec(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in train.run_dir")
     p.add_argument("--init_from", default=None, help="weights to fine-tune from (model.safetensors, run folder "
                                                      "or DeepSpeed checkpoint)")
-    p.add_argument("--profile", default=None, help="preset overrides: paper, cpu-small, tiny")
+    p.add_argument("--profile", default=None, help="preset overrides: paper, cpu-small, quickstart, tiny")
     p.add_argument("--launcher", choices=("none", "deepspeed"), default="none",
                    help="none: this process, one rank; deepspeed: start the deepspeed launcher")
     p.add_argument("--num_gpus", type=int, default=1, help="ranks per node with --launcher deepspeed "

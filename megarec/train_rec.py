@@ -82,10 +82,10 @@ class TrainRecConfig:
 # Training profiles: overrides applied on top of the defaults (tools/reproduce.py, quickstart).
 # ``paper`` follows PROTOCOL.md / the papers (SASRec: RecBole's Adam at a constant 1e-3, i.e. no
 # weight decay and min_lr_ratio 1); ``cpu-small`` shrinks T5 (2+2 layers, d_model 64) and the
-# epoch budget (TIGER 10 epochs, SASRec 80, both with early stopping) so that one method on
-# one Amazon domain (Scientific: 33.5k training samples) takes about 10-20 minutes on two
-# CPU cores (measured on a shared, loaded 2-core machine: TIGER ~165 s and SASRec ~25 s per
-# epoch with one thread).
+# epoch budget (TIGER 10 epochs, SASRec 80, both with early stopping) for 2 CPU cores. Measured
+# on Scientific (33.5k training samples) on a shared, loaded 2-core machine with one thread:
+# SASRec ~22 s per epoch (stopped after 25 epochs, 9 min), TIGER ~150 s per epoch (25 min, plus
+# ~8 min for the item-text encoder and RQ-VAE).
 PROFILES: dict[str, dict[str, dict[str, Any]]] = {
     "paper": {
         "sasrec": {"train.lr": 1e-3, "train.batch_size": 256, "train.patience": 10, "train.epochs": 300,
@@ -102,7 +102,16 @@ PROFILES: dict[str, dict[str, dict[str, Any]]] = {
                   "tiger.num_layers": 2, "tiger.num_decoder_layers": 2, "tiger.d_model": 64, "tiger.d_ff": 256,
                   "tiger.num_heads": 4, "tiger.d_kv": 16},
     },
-    "tiny": {  # tests and the quickstart demo: seconds, not quality
+    "quickstart": {  # `megarec quickstart`: the embedded sample's small domains, about a minute per method
+        "sasrec": {"train.lr": 1e-3, "train.batch_size": 64, "train.patience": 5, "train.epochs": 40,
+                   "train.weight_decay": 0.0, "train.warmup_steps": 0, "train.min_lr_ratio": 1.0,
+                   "train.log_every": 10},
+        "tiger": {"train.lr": 3e-3, "train.batch_size": 64, "train.patience": 2, "train.epochs": 30,
+                  "train.eval_every": 5, "train.warmup_steps": 50, "train.beam_size": 20, "train.log_every": 10,
+                  "tiger.num_layers": 2, "tiger.num_decoder_layers": 2, "tiger.d_model": 64, "tiger.d_ff": 256,
+                  "tiger.num_heads": 4, "tiger.d_kv": 16},
+    },
+    "tiny": {  # tests: seconds, not quality
         "sasrec": {"train.epochs": 2, "train.batch_size": 64, "train.warmup_steps": 0, "train.log_every": 5,
                    "sasrec.hidden": 16, "sasrec.inner": 32, "sasrec.num_layers": 1},
         "tiger": {"train.epochs": 2, "train.batch_size": 64, "train.warmup_steps": 5, "train.log_every": 5,
@@ -236,6 +245,7 @@ def _write_model_files(cfg: TrainRecConfig, run_dir: Path) -> None:
 TOKENIZER_PROFILES: dict[str, dict[str, Any]] = {
     "paper": {"collisions": "dedup"},
     "cpu-small": {"collisions": "dedup", "epochs": 300, "eval_every": 100},
+    "quickstart": {"collisions": "dedup", "epochs": 200, "eval_every": 100, "rqvae.codebook_sizes": "32,32,32"},
     "tiny": {"collisions": "dedup", "epochs": 5, "eval_every": 5, "rqvae.hidden": "64", "rqvae.code_dim": 8,
              "rqvae.codebook_sizes": "4,4", "kmeans_samples": 256, "rqvae.dead_code_steps": 0},
 }

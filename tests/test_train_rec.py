@@ -334,3 +334,23 @@ def test_sasrec_run_and_recommend(tmp_path, capsys):
     assert cli(["recommend", "--model", str(run), "--user", "u3", "--topk", "3"]) == 0
     row = json.loads(capsys.readouterr().out)
     assert len(row["recommendations"]) == 3 and not (run / "model" / "codes.safetensors").exists()
+
+
+def test_profiles_are_valid_configs():
+    """Every profile has settings for every method and for TIGER's tokenizer, and they validate."""
+    from megarec.config import TokenizerConfig, load_config
+    from megarec.train_rec import METHODS, PROFILES, TOKENIZER_PROFILES, TrainRecConfig, profile_overrides
+
+    assert set(PROFILES) == set(TOKENIZER_PROFILES) >= {"paper", "cpu-small", "quickstart", "tiny"}
+    for profile in PROFILES:
+        for method in METHODS:
+            cfg = load_config(TrainRecConfig, None, [("method", method), *profile_overrides(method, profile)])
+            assert cfg.train.beam_size >= 10
+        load_config(TokenizerConfig, None, [(k, str(v)) for k, v in TOKENIZER_PROFILES[profile].items()])
+    sas = load_config(TrainRecConfig, None, profile_overrides("sasrec", "paper"))
+    # PROTOCOL.md: RecBole SASRec, lr 1e-3 (constant), batch 256, patience 10, 2 layers/heads, hidden 64
+    assert (sas.train.lr, sas.train.min_lr_ratio, sas.train.batch_size, sas.train.patience) == (1e-3, 1.0, 256, 10)
+    assert (sas.sasrec.num_layers, sas.sasrec.num_heads, sas.sasrec.hidden, sas.sasrec.inner, sas.sasrec.dropout) == \
+        (2, 2, 64, 256, 0.5)
+    with pytest.raises(ConfigError, match="unknown profile"):
+        profile_overrides("tiger", "huge")

@@ -15,8 +15,9 @@ validation NDCG@10 with early stopping, one test pass at the best epoch.
 
 Profiles (``megarec.train_rec.PROFILES``): ``paper`` (the papers' sizes: T5 6+6 layers,
 d_model 128; GPU), ``cpu-small`` (T5 2+2 layers, d_model 64, at most 10 epochs validated every 2;
-SASRec at most 80 epochs; RQ-VAE 300 epochs: roughly 10-20 minutes per method on an
-Amazon domain on 2 CPU cores), ``tiny`` (smoke test). ``train_s`` is the recommender's training-step time;
+SASRec at most 80 epochs; RQ-VAE 300 epochs; on Scientific on a shared, loaded 2-core
+machine with one thread: SASRec 9 min, TIGER 33 min), ``quickstart`` (the embedded sample),
+``tiny`` (smoke test). ``train_s`` is the recommender's training-step time;
 ``total_s`` the wall time of the whole method (tokenizer, evaluations and test included).
 The JSON holds ``"results"``: one object per (method, dataset, seed) with ``method``,
 ``dataset``, ``seed``, ``recall@5``, ``recall@10``, ``ndcg@5``, ``ndcg@10``, ``train_s``,
@@ -42,7 +43,7 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--data", nargs="+", required=True, help="dataset folders or files (one domain each)")
     ap.add_argument("--methods", default="sasrec,tiger", help="comma-separated: sasrec, tiger")
-    ap.add_argument("--profile", default="cpu-small", help="paper, cpu-small or tiny")
+    ap.add_argument("--profile", default="cpu-small", help="paper, cpu-small, quickstart or tiny")
     ap.add_argument("--seeds", default="2024", help="comma-separated seeds; several give a mean row too")
     ap.add_argument("--out", default="runs/reproduce", help="run folders go here")
     ap.add_argument("--json", default=None, help="write the results here")
