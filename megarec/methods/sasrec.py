@@ -18,11 +18,9 @@ from torch import nn
 from megarec.config import ConfigError
 from megarec.data.domain import Domain, MultiDomain
 from megarec.data.splits import Samples, leave_one_out
-from megarec.distributed import get_rank, get_world_size
 from megarec.engine.checkpoint import load_state_dict_into
-from megarec.engine.sampler import eval_batches
 from megarec.engine.trainer import TrainTask
-from megarec.recommender.metrics import RankingMetrics
+from megarec.methods.evaluation import evaluate_domains
 from megarec.recommender.sasrec import SASRec, pad_histories
 
 if TYPE_CHECKING:
@@ -103,27 +101,12 @@ def build_model(cfg: "TrainRecConfig", data: SASRecData) -> SASRecRanker:
 def evaluate(ranker: nn.Module, data: SASRecData, per_domain: Sequence[ItemSamples], batch_size: int,
              device: torch.device | str, ks: Sequence[int] = (5, 10)) -> dict[str, float]:
     """Full ranking over each domain's items (PROTOCOL.md); pooled and, with several domains, per domain."""
-    rank, world = get_rank(), get_world_size()
-    several = len(per_domain) > 1
-    pooled = RankingMetrics(ks)
-    out: dict[str, float] = {}
-    for d, samples in enumerate(per_domain):
-        if len(samples) == 0:
-            continue
-        own = RankingMetrics(ks) if several else None
+    def rank_batch(d: int, b: dict[str, torch.Tensor]) -> torch.Tensor:
         start, stop = data.multi.offsets[d], data.multi.offsets[d] + data.multi.domains[d].num_items
-        k = min(max(ks), stop - start)
-        for eb in eval_batches(len(samples), batch_size, rank, world):
-            b = samples.batch(eb.indices, device)
-            scores = ranker(b["history"])[:, start:stop]
-            ranked = (scores.topk(k, dim=1).indices + start)[: eb.num_real]
-            for m in (own, pooled):
-                if m is not None:
-                    m.update(ranked, b["targets"][: eb.num_real])
-        if own is not None:
-            out.update({f"{data.domain_names[d]}/{key}": v for key, v in own.compute(device).items()})
-    out.update(pooled.compute(device))
-    return out
+        scores = ranker(b["history"])[:, start:stop]
+        return scores.topk(min(max(ks), stop - start), dim=1).indices + start
+
+    return evaluate_domains(per_domain, data.domain_names, rank_batch, batch_size, device, ks)
 
 
 def make_task(cfg: "TrainRecConfig", data: SASRecData, device: torch.device, metadata: dict[str, str]) -> TrainTask:

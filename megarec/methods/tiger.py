@@ -20,12 +20,10 @@ from megarec.data.code_sequences import CodeSamples, CodeSequenceData, select_co
 from megarec.data.code_vocab import CodeVocab
 from megarec.data.codes import CodesFile
 from megarec.data.domain import Domain
-from megarec.distributed import get_rank, get_world_size
 from megarec.engine.checkpoint import load_state_dict_into
-from megarec.engine.sampler import eval_batches
 from megarec.engine.trainer import TrainTask
+from megarec.methods.evaluation import evaluate_domains
 from megarec.recommender.beam_search import beam_search
-from megarec.recommender.metrics import RankingMetrics
 from megarec.recommender.t5 import GenerativeRecommender
 from megarec.recommender.trie import ItemTrie
 
@@ -63,26 +61,12 @@ def evaluate(model: GenerativeRecommender, data: CodeSequenceData, per_domain: S
     """
     if beam_size < max(ks):
         raise ConfigError(f"beam_size ({beam_size}) must be >= the largest K ({max(ks)})")
-    rank, world = get_rank(), get_world_size()
-    several = len(per_domain) > 1
-    pooled = RankingMetrics(ks)
-    out: dict[str, float] = {}
-    for d, samples in enumerate(per_domain):
-        if len(samples) == 0:
-            continue
-        own = RankingMetrics(ks) if several else None
+    def rank_batch(d: int, b: dict[str, torch.Tensor]) -> torch.Tensor:
+        items, _ = beam_search(model, b["input_ids"], b["attention_mask"], tries[d], beam_size)
         offset = int(data.multi.offsets[d])
-        for eb in eval_batches(len(samples), batch_size, rank, world):
-            b = samples.batch(eb.indices, device)
-            items, _ = beam_search(model, b["input_ids"], b["attention_mask"], tries[d], beam_size)
-            ranked = torch.where(items >= 0, items + offset, items)[: eb.num_real]
-            for m in (own, pooled):
-                if m is not None:
-                    m.update(ranked, b["targets"][: eb.num_real])
-        if own is not None:
-            out.update({f"{data.domain_names[d]}/{k}": v for k, v in own.compute(device).items()})
-    out.update(pooled.compute(device))
-    return out
+        return torch.where(items >= 0, items + offset, items)
+
+    return evaluate_domains(per_domain, data.domain_names, rank_batch, batch_size, device, ks)
 
 
 def make_task(cfg: "TrainRecConfig", data: CodeSequenceData, device: torch.device,

@@ -138,3 +138,20 @@ def reorder_items(sequences: list[np.ndarray], item_ids: Sequence[str],
     pos = {iid: k for k, iid in enumerate(new_ids)}
     remap = np.asarray([pos[i] for i in item_ids], dtype=np.int64)
     return [remap[s] for s in sequences], new_ids
+
+
+def find_interaction_file(path: Path, suffix: str) -> Path | None:
+    """The interaction file ``*<suffix>`` for a folder or file path, else ``None``.
+
+    A folder may hold one such file, or several when one is named after the folder
+    (``Toys/Toys<suffix>``); other ambiguity is a :class:`DataError`.
+    """
+    if path.is_file():
+        return path if path.name.endswith(suffix) else None
+    found = sorted(path.glob(f"*{suffix}"))
+    preferred = path / f"{path.name}{suffix}"
+    if preferred in found:
+        return preferred
+    if len(found) <= 1:
+        return found[0] if found else None
+    raise DataError(f"{path}: several interaction files ({', '.join(p.name for p in found)}); pass one of them")

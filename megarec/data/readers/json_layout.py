@@ -17,7 +17,7 @@ from typing import Iterable, Sequence
 import numpy as np
 
 from megarec.data.domain import DEFAULT_TEXT_FIELDS, DataError, Domain, kcore as kcore_filter
-from megarec.data.readers._common import load_json, reorder_items, text_value
+from megarec.data.readers._common import find_interaction_file, load_json, reorder_items, text_value
 
 INTER_SUFFIX = ".inter.json"
 ITEM_SUFFIX = ".item.json"
@@ -32,22 +32,9 @@ class Files:
 
 def detect(path: Path) -> Files | None:
     """The layout's files for a folder or an ``*.inter.json`` path, else ``None``."""
-    if path.is_file():
-        if not path.name.endswith(INTER_SUFFIX):
-            return None
-        inter = path
-    else:
-        found = sorted(path.glob(f"*{INTER_SUFFIX}"))
-        preferred = path / f"{path.name}{INTER_SUFFIX}"
-        if preferred in found:
-            inter = preferred
-        elif len(found) == 1:
-            inter = found[0]
-        elif not found:
-            return None
-        else:
-            raise DataError(f"{path}: several interaction files ({', '.join(p.name for p in found)}); "
-                            "pass one of them")
+    inter = find_interaction_file(path, INTER_SUFFIX)
+    if inter is None:
+        return None
     stem = inter.name[: -len(INTER_SUFFIX)]
     item = inter.with_name(stem + ITEM_SUFFIX)
     return Files(inter, item if item.exists() else None, stem)

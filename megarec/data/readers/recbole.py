@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Iterator, Sequence
 
 from megarec.data.domain import DataError, Domain, kcore as kcore_filter
-from megarec.data.readers._common import Interactions, check_nonempty, open_text, reorder_items
+from megarec.data.readers._common import Interactions, check_nonempty, find_interaction_file, open_text, reorder_items
 
 INTER_SUFFIX = ".inter"
 ITEM_SUFFIX = ".item"
@@ -39,21 +39,9 @@ class Files:
 
 def detect(path: Path) -> Files | None:
     """The atomic files for a folder or an ``*.inter`` path, else ``None``."""
-    if path.is_file():
-        if path.suffix != INTER_SUFFIX:
-            return None
-        inter = path
-    else:
-        found = sorted(path.glob(f"*{INTER_SUFFIX}"))
-        preferred = path / f"{path.name}{INTER_SUFFIX}"
-        if preferred in found:
-            inter = preferred
-        elif len(found) == 1:
-            inter = found[0]
-        elif not found:
-            return None
-        else:
-            raise DataError(f"{path}: several .inter files ({', '.join(p.name for p in found)}); pass one of them")
+    inter = find_interaction_file(path, INTER_SUFFIX)
+    if inter is None:
+        return None
     item = inter.with_suffix(ITEM_SUFFIX)
     return Files(inter, item if item.exists() else None, inter.stem)
 
