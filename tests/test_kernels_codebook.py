@@ -7,10 +7,6 @@ set before triton is first imported).
 """
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -19,20 +15,9 @@ import torch.nn.functional as F
 import megarec.kernels.codebook as cb
 from megarec.kernels import code_probs, nearest_code, topk_codes
 from megarec.kernels._dispatch import interpret_mode, resolve_backend, triton_available
+from tests.triton_util import needs_interpreter_subprocess, needs_triton, run_in_interpreter, triton_device
 
 TAUS = (0.05, 0.2, 1.0)
-
-
-def _triton_device() -> str | None:
-    if not triton_available():
-        return None
-    if interpret_mode():
-        return "cpu"
-    return "cuda" if torch.cuda.is_available() else None
-
-
-needs_triton = pytest.mark.skipif(_triton_device() is None,
-                                  reason="needs CUDA or TRITON_INTERPRET=1 (see test_triton_kernels_in_interpreter)")
 
 
 def _odd_shapes(seed: int, max_n: int = 300, max_k: int = 140, max_d: int = 70) -> tuple[int, int, int]:
@@ -132,7 +117,7 @@ def _tied():
 @pytest.mark.parametrize("backend", ["torch", pytest.param("triton", marks=needs_triton)])
 def test_ties_go_to_the_lowest_index(backend):
     x, C = _tied()
-    dev = _triton_device() if backend == "triton" else "cpu"
+    dev = triton_device() if backend == "triton" else "cpu"
     idx, dist = nearest_code(x.to(dev), C.to(dev), backend=backend)
     D = _naive_sqdist(x, C)
     first_min = (D == D.min(1, keepdim=True).values).float().argmax(1)  # lowest index among minima
@@ -216,14 +201,14 @@ def test_forcing_the_kernel_backend_on_cpu_explains_why():
 @needs_triton
 @pytest.mark.parametrize("n, k, d", [(77, 45, 19), (5, 131, 3)])
 def test_triton_nearest_code(n, k, d):
-    x, C = _data(n, n, k, d, device=_triton_device())
+    x, C = _data(n, n, k, d, device=triton_device())
     assert resolve_backend("auto", x, C) == "triton"
     _check_nearest(x, C, *nearest_code(x, C, backend="triton"))
 
 
 @needs_triton
 def test_triton_topk_codes():
-    x, C = _data(1, 29, 83, 21, device=_triton_device())  # two codebook tiles; kept tiny for the interpreter
+    x, C = _data(1, 29, 83, 21, device=triton_device())  # two codebook tiles; kept tiny for the interpreter
     for k in (1, 5):
         idx, dist = topk_codes(x, C, k, backend="triton")
         _check_topk(x, C, k, idx, dist)
@@ -234,7 +219,7 @@ def test_triton_topk_codes():
 @needs_triton
 @pytest.mark.parametrize("tau", TAUS)
 def test_triton_code_probs(tau):
-    x, C = _data(2, 37, 71, 11, device=_triton_device(), scale=0.3)
+    x, C = _data(2, 37, 71, 11, device=triton_device(), scale=0.3)
     _check_probs(x, C, tau, "triton")
 
 
@@ -250,13 +235,6 @@ def test_triton_bf16_on_gpu():
                                rtol=5e-2, atol=5e-3)
 
 
-@pytest.mark.skipif(interpret_mode() or not triton_available(), reason="runs the interpreter subprocess")
+@needs_interpreter_subprocess
 def test_triton_kernels_in_interpreter():
-    root = Path(__file__).resolve().parents[1]
-    env = {**os.environ, "TRITON_INTERPRET": "1"}
-    r = subprocess.run([sys.executable, "-m", "pytest", str(Path(__file__)), "-q", "-x", "-p", "no:cacheprovider",
-                        "-k", "triton and not in_interpreter and not bf16"],
-                       cwd=root, env=env, capture_output=True, text=True, timeout=600)
-    assert r.returncode == 0, r.stdout[-4000:] + r.stderr[-4000:]
-    summary = r.stdout.strip().splitlines()[-1]
-    assert " passed" in summary and "skipped" not in summary, r.stdout[-2000:]
+    run_in_interpreter(__file__)

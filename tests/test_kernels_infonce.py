@@ -7,34 +7,19 @@ from __future__ import annotations
 
 import importlib
 import math
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
 
 from megarec.kernels import infonce
-from megarec.kernels._dispatch import interpret_mode, triton_available
+from megarec.kernels._dispatch import triton_available
 from tests.dist import run_ranks
+from tests.triton_util import needs_interpreter_subprocess, needs_triton, run_in_interpreter, triton_device
 
 # The package exports the function ``infonce``, which shadows the submodule's attribute name.
 inf = importlib.import_module("megarec.kernels.infonce")
 TAUS = (0.05, 0.2, 1.0)
-
-
-def _triton_device() -> str | None:
-    if not triton_available():
-        return None
-    if interpret_mode():
-        return "cpu"
-    return "cuda" if torch.cuda.is_available() else None
-
-
-needs_triton = pytest.mark.skipif(_triton_device() is None,
-                                  reason="needs CUDA or TRITON_INTERPRET=1 (see test_triton_kernels_in_interpreter)")
 
 
 def naive_infonce(a, b, tau, bidirectional=True, reduction="mean", eps=1e-8):
@@ -138,7 +123,7 @@ def test_backward_keeps_no_batch_by_batch_tensor():
                                         pytest.param(True, marks=needs_triton, id="triton")])
 def test_keys_from_a_larger_batch_with_offset(use_triton):
     """The distributed building block: local queries against gathered keys, positives at an offset."""
-    dev = _triton_device() if use_triton else "cpu"
+    dev = triton_device() if use_triton else "cpu"
     q, _ = _pair(7, 19, 11, dev)
     _, k = _pair(8, 53, 11, dev)
     off, tau = 21, 0.1
@@ -213,13 +198,13 @@ def test_two_ranks_equal_single_process_on_concatenated_batch():
 @pytest.mark.parametrize("tau", TAUS)
 @pytest.mark.parametrize("bidirectional", [True, False])
 def test_triton_matches_naive(tau, bidirectional):
-    a, b = _pair(1, 71, 19, _triton_device())  # crosses one 64-row block
+    a, b = _pair(1, 71, 19, triton_device())  # crosses one 64-row block
     _compare(a, b, tau, "triton", bidirectional=bidirectional)
 
 
 @needs_triton
 def test_triton_small_temperature_and_wide_rows():
-    a, b = _pair(2, 37, 83, _triton_device())  # d spans two 64-wide chunks
+    a, b = _pair(2, 37, 83, triton_device())  # d spans two 64-wide chunks
     _compare(a, b, 0.01, "triton", rtol=2e-4)
 
 
@@ -237,13 +222,6 @@ def test_triton_bf16_on_gpu():
     torch.testing.assert_close(a1.grad.float(), a2.grad, rtol=3e-2, atol=3e-2 * float(a2.grad.abs().max()))
 
 
-@pytest.mark.skipif(interpret_mode() or not triton_available(), reason="runs the interpreter subprocess")
+@needs_interpreter_subprocess
 def test_triton_kernels_in_interpreter():
-    root = Path(__file__).resolve().parents[1]
-    env = {**os.environ, "TRITON_INTERPRET": "1"}
-    r = subprocess.run([sys.executable, "-m", "pytest", str(Path(__file__)), "-q", "-x", "-p", "no:cacheprovider",
-                        "-k", "triton and not in_interpreter and not bf16"],
-                       cwd=root, env=env, capture_output=True, text=True, timeout=600)
-    assert r.returncode == 0, r.stdout[-4000:] + r.stderr[-4000:]
-    summary = r.stdout.strip().splitlines()[-1]
-    assert " passed" in summary and "skipped" not in summary, r.stdout[-2000:]
+    run_in_interpreter(__file__)
