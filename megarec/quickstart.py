@@ -17,6 +17,7 @@ import time
 from pathlib import Path
 from typing import Any, Sequence
 
+from megarec.data.domain import DataError
 from megarec.distributed import get_logger
 
 METRIC_COLS = ["recall@5", "recall@10", "ndcg@5", "ndcg@10"]
@@ -48,7 +49,7 @@ def run_quickstart(out: str | Path = "runs/quickstart", methods: Sequence[str] =
     names = list(domains) if domains else list(paths)
     unknown = sorted(set(names) - set(paths))
     if unknown:
-        raise ValueError(f"no sample domain {unknown}; the sample has {', '.join(paths)}")
+        raise DataError(f"no sample domain {unknown}; the sample has {', '.join(paths)}")
     chosen = [d for d in sample if d.name in names]
     stats = [d.stats() for d in chosen]
     print(format_table(stats, ["domain", "users", "items", "interactions", "avg_len", "sparsity"]))
@@ -79,7 +80,7 @@ def run_quickstart(out: str | Path = "runs/quickstart", methods: Sequence[str] =
             t = time.perf_counter()
             res = run_pipeline(method, [paths[name]], out / name / method, profile=profile, progress=progress)
             row = {"method": method, "dataset": name, **{k: res["test"][k] for k in METRIC_COLS},
-                   "train_s": round(time.perf_counter() - t, 1)}
+                   "train_s": int(round(time.perf_counter() - t))}
             results.append(row)
 
     _stage("4/4 results: leave-one-out, full ranking, test split (PROTOCOL.md)")
