@@ -8,30 +8,12 @@ import torch
 from megarec.cli import main
 from megarec.data.codes import CodesFile
 from megarec.data.embeddings import save_item_embeddings
-
-WORDS = ("red blue green black white lamp cable tape steel glue box kit long short wide thin "
-         "metal paper plastic wood glass round flat big small").split()
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)   # tiny matrices: extra threads only add contention on shared CI cores
-    yield
-    torch.set_num_threads(n)
+from tests.tiny_models import WORDS, save_tiny_bert
 
 
 @pytest.fixture(scope="module")
 def tiny_bert(tmp_path_factory):
-    from transformers import BertConfig, BertModel, BertTokenizer
-
-    path = tmp_path_factory.mktemp("tiny_bert")
-    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + WORDS
-    BertTokenizer(vocab={w: i for i, w in enumerate(vocab)}).save_pretrained(path)
-    torch.manual_seed(0)
-    BertModel(BertConfig(vocab_size=len(vocab), hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
-                         intermediate_size=32, max_position_embeddings=64)).save_pretrained(path)
-    return path
+    return save_tiny_bert(tmp_path_factory.mktemp("tiny_bert"))
 
 
 def write_domain(folder, n_items=60, with_items=True):

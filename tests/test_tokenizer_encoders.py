@@ -7,22 +7,12 @@ from megarec.data.domain import DataError, Domain, MissingTextError
 from megarec.data.embeddings import save_item_embeddings
 from megarec.tokenizer import encoders
 from megarec.tokenizer.encoders import collaborative_embeddings, encode_texts, mean_pool, text_embeddings
-
-WORDS = "red blue green lamp cable tape steel glue box kit long short".split()
+from tests.tiny_models import save_tiny_bert
 
 
 @pytest.fixture(scope="module")
 def tiny_bert(tmp_path_factory):
-    from transformers import BertConfig, BertModel, BertTokenizer
-
-    path = tmp_path_factory.mktemp("tiny_bert")
-    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + WORDS
-    BertTokenizer(vocab={w: i for i, w in enumerate(vocab)}).save_pretrained(path)
-    torch.manual_seed(0)
-    cfg = BertConfig(vocab_size=len(vocab), hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
-                     intermediate_size=32, max_position_embeddings=64)
-    BertModel(cfg).save_pretrained(path)
-    return path
+    return save_tiny_bert(tmp_path_factory.mktemp("tiny_bert"))
 
 
 def tiny_domain(with_text=True):

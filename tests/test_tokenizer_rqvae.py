@@ -8,14 +8,6 @@ from megarec.tokenizer import RQVAE, reconstruction_loss, uniformity_loss
 from megarec.tokenizer.train import train_rqvae
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)   # tiny matrices: extra threads only add contention on shared CI cores
-    yield
-    torch.set_num_threads(n)
-
-
 def small_cfg(**kw) -> RQVAEConfig:
     base = dict(hidden=[24, 12], code_dim=6, codebook_sizes=[8, 8, 4], dead_code_steps=0)
     base.update(kw)

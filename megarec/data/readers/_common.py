@@ -7,12 +7,22 @@ from __future__ import annotations
 import gzip
 import io
 import json
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator, Sequence
 
 import numpy as np
 
 from megarec.data.domain import DataError
+
+
+@dataclass
+class Files:
+    """A domain's interaction file, its optional item file, and the domain name."""
+
+    inter: Path
+    item: Path | None
+    name: str
 
 
 def open_text(path: Path) -> io.TextIOBase:

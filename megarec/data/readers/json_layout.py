@@ -10,24 +10,16 @@ item file's keys as strings. Item index follows the item file's key order
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Sequence
 
 import numpy as np
 
 from megarec.data.domain import DEFAULT_TEXT_FIELDS, DataError, Domain, kcore as kcore_filter
-from megarec.data.readers._common import find_interaction_file, load_json, reorder_items, text_value
+from megarec.data.readers._common import Files, find_interaction_file, load_json, reorder_items, text_value
 
 INTER_SUFFIX = ".inter.json"
 ITEM_SUFFIX = ".item.json"
-
-
-@dataclass
-class Files:
-    inter: Path
-    item: Path | None
-    name: str
 
 
 def detect(path: Path) -> Files | None:

@@ -17,24 +17,17 @@ value is space-separated tokens and is kept as one string.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator, Sequence
 
 from megarec.data.domain import DataError, Domain, kcore as kcore_filter
-from megarec.data.readers._common import Interactions, check_nonempty, find_interaction_file, open_text, reorder_items
+from megarec.data.readers._common import (Files, Interactions, check_nonempty, find_interaction_file, open_text,
+                                          reorder_items)
 
 INTER_SUFFIX = ".inter"
 ITEM_SUFFIX = ".item"
 TYPES = ("token", "token_seq", "float", "float_seq")
 TEXT_TYPES = ("token", "token_seq")
-
-
-@dataclass
-class Files:
-    inter: Path
-    item: Path | None
-    name: str
 
 
 def detect(path: Path) -> Files | None:
