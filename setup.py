@@ -6,7 +6,7 @@ setup(
     version="0.1.0",
     description="Distributed training stack for generative recommendation with semantic IDs",
     packages=find_packages(include=["megarec", "megarec.*"]),
-    package_data={"megarec": ["data/sample/*/*.json", "configs/*.yaml"]},
+    package_data={"megarec": ["data/sample/*/*.json", "configs/*.yaml", "configs/*/*.yaml"]},
     python_requires=">=3.10",
     install_requires=[
         "torch>=2.4",

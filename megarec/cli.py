@@ -164,46 +164,101 @@ def _cmd_build_shards(args: argparse.Namespace) -> int:
 
 # --------------------------------------------------------------------------- train-tokenizer
 def _add_train_tokenizer(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
-    p = sub.add_parser("train-tokenizer", help="train an RQ-VAE tokenizer on a domain's items; write codes and stats",
+    p = sub.add_parser("train-tokenizer", help="train an RQ-VAE tokenizer on the items of one or more domains; "
+                                               "write codes and stats",
                        description="Embed every item (text encoder, or --embeddings for collaborative ones), train "
                                    "an RQ-VAE on the embeddings, then write OUT/model.safetensors + config.yaml, "
                                    "OUT/codes.safetensors (collision policy: --collisions), OUT/stats.json and "
-                                   "TensorBoard logs under OUT/tb. Any config key can follow PATH as --key value, "
-                                   "e.g. --epochs 500 --rqvae.codebook_sizes 256,256,256 --rqvae.quantizer soft.")
-    p.add_argument("path", help="domain folder or file (any supported format)")
+                                   "TensorBoard logs under OUT/tb. Several PATHs: one tokenizer on all their items "
+                                   "and one codes file whose IDs are unique over all of them. Any config key can "
+                                   "follow the PATHs as --key value, e.g. --epochs 500 --rqvae.codebook_sizes "
+                                   "256,256,256 --rqvae.quantizer soft.")
+    p.add_argument("paths", nargs="+", metavar="PATH",
+                   help="domain folder or file (any supported format); several: one shared code space")
     p.add_argument("--out", required=True, help="output folder for the trained tokenizer")
-    p.add_argument("--config", default=None, help="YAML file of TokenizerConfig keys (overrides follow PATH)")
+    p.add_argument("--config", default=None, help="YAML file of TokenizerConfig keys (overrides follow the PATHs)")
     p.add_argument("--embeddings", default=None,
-                   help="item embeddings file (megarec-embeddings/1, e.g. SASRec's) instead of item text")
+                   help="item embeddings file (megarec-embeddings/1, e.g. SASRec's) instead of item text; "
+                        "with several PATHs it holds the items of all of them")
     p.add_argument("--kcore", type=int, default=None, help="k-core filtering (default: the format's)")
+    u = p.add_argument_group("--method utgrec (UTGRec universal tokenizer: PATH is the item shard folder of "
+                             "`megarec build-shards`, --out the run folder; keys of megarec/train_tokenizer.py)")
+    u.add_argument("--method", choices=("rqvae", "utgrec"), default="rqvae",
+                   help="rqvae: RQ-VAE on text / collaborative embeddings; utgrec: Qwen2-VL (or text encoder) + "
+                        "tree codebooks + text / image decoders under DeepSpeed")
+    u.add_argument("--deepspeed", default=None, help="DeepSpeed config (ds_configs/zero3.json, ...)")
+    u.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --out")
+    u.add_argument("--init_from", default=None, help="pre-trained UTGRec tokenizer to fine-tune from")
+    u.add_argument("--launcher", choices=("none", "deepspeed"), default="none",
+                   help="none: this process, one rank; deepspeed: start the deepspeed launcher")
+    u.add_argument("--num_gpus", type=int, default=1, help="ranks per node with --launcher deepspeed")
+    u.add_argument("--master_port", type=int, default=None, help="rendezvous port for --launcher deepspeed")
     p.set_defaults(_overrides=True)
     return p
 
 
+def _run_utgrec_tokenizer(args: argparse.Namespace) -> int:
+    """``--method utgrec``: megarec/train_tokenizer.py on the shard folder PATH, run folder --out."""
+    import shutil
+    import subprocess
+    from pathlib import Path
+
+    from megarec import train_tokenizer
+
+    if len(args.paths) != 1:
+        raise ConfigError("--method utgrec takes one PATH: the item shard folder (`megarec build-shards`)")
+    argv = [*(["--config", args.config] if args.config else []),
+            *(["--deepspeed", args.deepspeed] if args.deepspeed else []),
+            *(["--resume"] if args.resume else []), *(["--init_from", args.init_from] if args.init_from else []),
+            "--data.shards", str(args.paths[0]), "--train.run_dir", str(args.out), *args.overrides]
+    if args.launcher == "deepspeed":
+        port = ["--master_port", str(args.master_port)] if args.master_port else []
+        exe = shutil.which("deepspeed")
+        launcher = [exe] if exe else [sys.executable, "-m", "deepspeed.launcher.runner"]
+        return subprocess.call([*launcher, "--num_gpus", str(args.num_gpus), *port,
+                                str(Path(train_tokenizer.__file__)), *argv])
+    return train_tokenizer.main(argv)
+
+
 def _cmd_train_tokenizer(args: argparse.Namespace) -> int:
+    if getattr(args, "method", "rqvae") == "utgrec":
+        return _run_utgrec_tokenizer(args)
     from megarec.config import TokenizerConfig, load_config
     from megarec.data.readers import read_domain
     from megarec.tokenizer.commands import summary_rows, train_tokenizer
 
     cfg = load_config(TokenizerConfig, args.config, args.overrides)
-    domain = read_domain(args.path, kcore=args.kcore, text_fields=cfg.text_fields)
+    domains = [read_domain(p, kcore=args.kcore, text_fields=cfg.text_fields) for p in args.paths]
     if args.embeddings is None:
-        domain.require_text("train-tokenizer")
-    stats = train_tokenizer(domain, cfg, args.out, embeddings=args.embeddings)
+        for domain in domains:
+            domain.require_text("train-tokenizer")
+    stats = train_tokenizer(domains, cfg, args.out, embeddings=args.embeddings)
     print(format_table(summary_rows(stats), ["level", "usage", "perplexity", "entropy"]))
     print(f"collision rate {stats['collision_rate_before']:.4f} before, {stats['collision_rate_after']:.4f} after "
           f"({stats['policy']}); uniformly random codes: {stats['random_codes_collision_rate']:.4f}; "
           f"identical inputs: {stats['duplicate_input_rate']:.4f}")
+    _print_domains(stats)
     print(f"tokenizer, codes and stats written to {args.out}")
     return 0
 
 
+def _print_domains(stats: dict) -> None:
+    """With several domains: their item counts and how many items shared an ID across domains before resolution."""
+    if len(stats.get("domains", {})) > 1:
+        print(f"{len(stats['domains'])} domains in one code space ("
+              + ", ".join(f"{n}: {k:,} items" for n, k in stats["domains"].items())
+              + f"); items sharing an ID with another domain's item before resolution: "
+              f"{stats.get('cross_domain_collision_rate_before', 0.0):.4f}")
+
+
 # --------------------------------------------------------------------------- tokenize
 def _add_tokenize(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
-    p = sub.add_parser("tokenize", help="assign codes to every item of a domain with a trained tokenizer",
-                       description="Write a codes file (megarec-codes/1) with the semantic ID of every item of "
-                                   "PATH, using the tokenizer trained by `megarec train-tokenizer`.")
-    p.add_argument("path", help="domain folder or file (any supported format)")
+    p = sub.add_parser("tokenize", help="assign codes to every item of one or more domains with a trained tokenizer",
+                       description="Write one codes file (megarec-codes/1) with the semantic ID of every item of "
+                                   "the PATHs, using the tokenizer trained by `megarec train-tokenizer`; collisions "
+                                   "are resolved over all the PATHs' items, so IDs are unique across domains.")
+    p.add_argument("paths", nargs="+", metavar="PATH",
+                   help="domain folder or file (any supported format); several: one shared code space")
     p.add_argument("--model", required=True, help="folder written by `megarec train-tokenizer`")
     p.add_argument("--out", required=True, help="codes file to write (.safetensors)")
     p.add_argument("--collisions", choices=("utgrec", "dedup", "none"), default=None,
@@ -222,18 +277,19 @@ def _cmd_tokenize(args: argparse.Namespace) -> int:
 
     cfg_path = Path(args.model) / "config.yaml"
     cfg = load_config(TokenizerConfig, cfg_path) if cfg_path.is_file() else TokenizerConfig()
-    domain = read_domain(args.path, kcore=args.kcore, text_fields=cfg.text_fields)
-    codes = tokenize(args.model, domain, args.out, args.collisions, args.embeddings)
+    domains = [read_domain(p, kcore=args.kcore, text_fields=cfg.text_fields) for p in args.paths]
+    codes = tokenize(args.model, domains, args.out, args.collisions, args.embeddings)
     print(format_table(summary_rows(codes.stats), ["level", "usage", "perplexity", "entropy"]))
     print(f"collision rate {codes.stats['collision_rate_before']:.4f} before, "
           f"{codes.stats['collision_rate_after']:.4f} after ({codes.stats['policy']}); "
           f"{len(codes.item_keys):,} items -> {args.out}")
+    _print_domains(codes.stats)
     return 0
 
 
 # --------------------------------------------------------------------------- train-rec
 def _add_train_rec(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
-    p = sub.add_parser("train-rec", help="train and evaluate a recommender (tiger, sasrec) with DeepSpeed",
+    p = sub.add_parser("train-rec", help="train and evaluate a recommender (any method: sasrec, tiger, etegrec, unigrec, utgrec) with DeepSpeed",
                        description="Run megarec/train_rec.py: read data.paths, train `method` with AdamW + warmup "
                                    "+ cosine, evaluate every train.eval_every epochs, stop early on validation "
                                    "NDCG@10, test the best model; outputs under train.run_dir. Runs in this "
@@ -245,7 +301,8 @@ def _add_train_rec(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in train.run_dir")
     p.add_argument("--init_from", default=None, help="weights to fine-tune from (model.safetensors, run folder "
                                                      "or DeepSpeed checkpoint)")
-    p.add_argument("--profile", default=None, help="preset overrides: paper, cpu-small, quickstart, tiny")
+    p.add_argument("--profile", default=None, help="the method's preset (megarec/configs/<method>/<profile>.yaml): "
+                                                   "paper, cpu-small, quickstart, tiny; --config and overrides win")
     p.add_argument("--launcher", choices=("none", "deepspeed"), default="none",
                    help="none: this process, one rank; deepspeed: start the deepspeed launcher")
     p.add_argument("--num_gpus", type=int, default=1, help="ranks per node with --launcher deepspeed "

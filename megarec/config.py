@@ -81,7 +81,16 @@ class RQVAEConfig:
     dead_code_steps: int = field(200, min=0, help="re-seed codes unused for this many steps (0 = never)")
     tau_max: float = field(0.05, min=1e-8, help="soft: initial temperature (UniGRec Eq. 16)")
     tau_min: float = field(0.001, min=1e-8, help="soft: final temperature (UniGRec Eq. 16)")
-    uniformity_weight: float = field(1e-4, min=0.0, help="soft: weight of the uniformity loss (UniGRec Eq. 21)")
+    uniformity_weight: float = field(1e-4, min=0.0, help="soft: lambda_CU, weight of the uniformity loss (UniGRec "
+                                                         "Eq. 21, paper 1e-4), relative to recon")
+    init: str = field("auto", choices=("auto", "xavier", "torch"),
+                      help="MLP weight init: xavier = xavier-normal weights, zero biases (the public UniGRec/TIGER "
+                           "RQ-VAE code); torch = PyTorch's default; auto = xavier for soft, torch for hard. The "
+                           "soft quantiser's tau is on the scale of squared latent distances, which the init sets")
+    recon: str = field("auto", choices=("auto", "mean", "sum"),
+                       help="reduction of ||z - z~||^2 over dimensions: sum (ETEGRec Eq. 9) or mean (the public "
+                            "UniGRec code's MSE, the scale its lambda_CU = 1e-4 is tuned to); auto = mean for "
+                            "soft, sum for hard")
 
     def check(self) -> None:
         if self.tau_min > self.tau_max:
@@ -259,25 +268,39 @@ def parse_overrides(argv: Sequence[str]) -> list[tuple[str, str]]:
     return pairs
 
 
-def load_config(cls: type[T], path: str | Path | None = None, overrides: Sequence[str] | Sequence[tuple[str, str]] = ()) -> T:
-    """Build ``cls`` from defaults, then a YAML file, then ``--key value`` overrides."""
+def read_yaml_mapping(path: str | Path) -> dict[str, Any]:
+    """A YAML file whose top level is a mapping (ConfigError naming the file otherwise)."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file {path} does not exist")
+    with open(path) as fh:
+        try:
+            data = yaml.safe_load(fh) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{path}: not valid YAML: {e}") from e
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: top level must be a mapping of keys")
+    return data
+
+
+def apply_mapping(cfg: Any, data: dict[str, Any], source: str) -> None:
+    """Set the (nested) keys of ``data`` on ``cfg``; errors name ``source``."""
+    for k, v in data.items():
+        try:
+            _set(cfg, str(k), v, from_string=False)
+        except ConfigError as e:
+            raise ConfigError(f"{source}: {e}") from e
+
+
+def load_config(cls: type[T], path: str | Path | None = None, overrides: Sequence[str] | Sequence[tuple[str, str]] = (),
+                base: Sequence[tuple[str, dict[str, Any]]] = ()) -> T:
+    """Build ``cls`` from, in increasing precedence: defaults, ``base`` layers (``(source name,
+    mapping)``, e.g. a profile), the YAML file ``path``, then ``--key value`` overrides."""
     cfg = cls()
+    for source, data in base:
+        apply_mapping(cfg, data, source)
     if path is not None:
-        path = Path(path)
-        if not path.is_file():
-            raise ConfigError(f"config file {path} does not exist")
-        with open(path) as fh:
-            try:
-                data = yaml.safe_load(fh) or {}
-            except yaml.YAMLError as e:
-                raise ConfigError(f"{path}: not valid YAML: {e}") from e
-        if not isinstance(data, dict):
-            raise ConfigError(f"{path}: top level must be a mapping of keys")
-        for k, v in data.items():
-            try:
-                _set(cfg, str(k), v, from_string=False)
-            except ConfigError as e:
-                raise ConfigError(f"{path}: {e}") from e
+        apply_mapping(cfg, read_yaml_mapping(path), str(path))
     if overrides and isinstance(overrides[0], str):
         overrides = parse_overrides(overrides)  # type: ignore[arg-type]
     for k, v in overrides:  # type: ignore[misc]

@@ -7,7 +7,9 @@ Stages (each writes its files under ``out``, TensorBoard logs under ``out``):
    through the rank/worker-splitting reader;
 3. recommenders: per domain, SASRec (item ids) and TIGER (RQ-VAE codes from item text ->
    T5 -> trie-constrained beam search), each trained, selected on validation and tested
-   under the leave-one-out full-ranking protocol (PROTOCOL.md);
+   under the leave-one-out full-ranking protocol (PROTOCOL.md); with ``utgrec`` in
+   ``methods``, UTGRec's transfer pipeline: tokenizer and T5 pre-trained on the two other
+   sample domains, both fine-tuned on the domain (docs/README_utgrec.md);
 4. a Recall/NDCG table.
 """
 from __future__ import annotations
@@ -25,6 +27,17 @@ METRIC_COLS = ["recall@5", "recall@10", "ndcg@5", "ndcg@10"]
 
 def _stage(title: str) -> None:
     print(f"\n== {title} ==", flush=True)
+
+
+def transfer_overrides(method: str, target: str, paths: dict[str, Path]) -> list[tuple[str, str]]:
+    """For a method that pre-trains on other domains (its plug-in names the run-config key in
+    ``pretrain_key``, e.g. UTGRec's ``utgrec.pretrain_paths``): every other sample domain."""
+    from megarec.methods import get_method
+
+    key = getattr(get_method(method), "pretrain_key", None)
+    if not key:
+        return []
+    return [(key, ",".join(str(p) for n, p in paths.items() if n != target))]
 
 
 def run_quickstart(out: str | Path = "runs/quickstart", methods: Sequence[str] = ("sasrec", "tiger"),
@@ -78,7 +91,8 @@ def run_quickstart(out: str | Path = "runs/quickstart", methods: Sequence[str] =
         for method in methods:
             log.info("training %s on %s", method, name)
             t = time.perf_counter()
-            res = run_pipeline(method, [paths[name]], out / name / method, profile=profile, progress=progress)
+            res = run_pipeline(method, [paths[name]], out / name / method, profile=profile,
+                               overrides=transfer_overrides(method, name, paths), progress=progress)
             row = {"method": method, "dataset": name, **{k: res["test"][k] for k in METRIC_COLS},
                    "train_s": int(round(time.perf_counter() - t))}
             results.append(row)

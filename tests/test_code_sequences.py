@@ -3,7 +3,7 @@ import numpy as np
 import pytest
 import torch
 
-from megarec.data.code_sequences import CodeSequenceData, concat_samples, encode_samples, select_codes
+from megarec.data.code_sequences import CodeSequenceData, concat_samples, encode_samples, merge_codes, select_codes
 from megarec.data.code_vocab import EOS, PAD, CodeVocab
 from megarec.data.codes import CodesFile
 from megarec.data.domain import DataError, Domain
@@ -110,3 +110,38 @@ def test_concat_widens_padding():
     assert torch.equal(both.input_ids[: len(s1), : s1.input_ids.shape[1]], s1.input_ids)
     assert (both.input_ids[: len(s1), s1.input_ids.shape[1]:] == PAD).all()
     assert len(both) == len(s1) + len(s2)
+
+
+# ----------------------------------------------------------------------------- merge_codes
+def test_merge_codes_of_distinct_ids_concatenates_them():
+    a = CodesFile(["A/0", "A/1"], np.array([[0, 1], [1, 1]]), [4, 4])
+    b = CodesFile(["B/0"], np.array([[2, 3]]), [4, 4])
+    m = merge_codes([a, b])
+    assert m.item_keys == ["A/0", "A/1", "B/0"] and m.codes.tolist() == [[0, 1], [1, 1], [2, 3]]
+    assert m.collision_rate() == 0.0
+
+
+def test_merge_codes_refuses_an_id_shared_across_files_and_names_the_items():
+    a = CodesFile(["A/0", "A/1"], np.array([[0, 1], [1, 1]]), [4, 4])
+    b = CodesFile(["B/0", "B/1"], np.array([[2, 3], [1, 1]]), [4, 4])     # B/1 has A/1's ID
+    with pytest.raises(DataError, match="would give 2 items the ID of an item from another codes file") as err:
+        merge_codes([a, b], names=["a.safetensors", "b.safetensors"])
+    msg = str(err.value)
+    assert "'A/1'" in msg and "'B/1'" in msg and "(1, 1)" in msg
+    assert "a.safetensors" in msg and "b.safetensors" in msg and "tokenize the domains together" in msg
+
+
+def test_merge_codes_dedup_levels_collide_too():
+    # TIGER files: the same semantic code with dedup token 0 in both files is one ID for two items
+    a = CodesFile(["A/0"], np.array([[3, 0]]), [4, 1], dedup_level=True)
+    b = CodesFile(["B/0", "B/1"], np.array([[3, 0], [3, 1]]), [4, 2], dedup_level=True)
+    with pytest.raises(DataError, match="tokenize the domains together"):
+        merge_codes([a, b])
+
+
+def test_merge_codes_keeps_collisions_inside_one_file_and_refuses_repeated_keys():
+    a = CodesFile(["A/0", "A/1"], np.array([[0, 1], [0, 1]]), [4, 4], stats={"policy": "none"})
+    b = CodesFile(["B/0"], np.array([[2, 3]]), [4, 4])
+    assert merge_codes([a, b]).collision_rate() == pytest.approx(2 / 3)   # the file's own choice (policy none)
+    with pytest.raises(DataError, match="appear in more than one codes file.*'A/0'"):
+        merge_codes([a, CodesFile(["A/0"], np.array([[3, 3]]), [4, 4])])

@@ -4,6 +4,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 
 from megarec.config import ConfigError, load_config
 from megarec.data.code_vocab import CodeVocab
@@ -181,11 +182,134 @@ def test_sasrec_causal_and_padding_side():
     torch.testing.assert_close(m.scores(left), m(left) @ m.item_emb.weight[1:].T)
 
 
+# RecBole's SASRec written out with plain torch ops (recbole/model/layers.py: MultiHeadAttention,
+# FeedForward, TransformerLayer; sequential_recommender/sasrec.py: forward, get_attention_mask,
+# calculate_loss with loss_type CE), on RecBole's parameter names and right-padded histories.
+def _to_recbole_names(m: SASRec) -> dict[str, torch.Tensor]:
+    out = {}
+    for name, t in m.state_dict().items():
+        name = (name.replace("item_emb.", "item_embedding.").replace("pos_emb.", "position_embedding.")
+                .replace("layers.", "trm_encoder.layer.").replace(".attention.", ".multi_head_attention.")
+                .replace(".norm.", ".LayerNorm.").replace("norm.", "LayerNorm."))
+        out[name] = t.clone()
+    return out
+
+
+def _recbole_forward(w: dict[str, torch.Tensor], item_seq: torch.Tensor, item_seq_len: torch.Tensor,
+                     n_layers: int, n_heads: int, p_hidden: float, p_attn: float, train: bool,
+                     eps: float = 1e-12) -> torch.Tensor:
+    import math
+
+    def ln(x, pre):
+        return F.layer_norm(x, x.shape[-1:], w[pre + "LayerNorm.weight"], w[pre + "LayerNorm.bias"], eps)
+
+    def dense(x, name):
+        return x @ w[name + ".weight"].T + w[name + ".bias"]
+
+    b, t = item_seq.shape
+    pos = torch.arange(t).unsqueeze(0).expand_as(item_seq)
+    x = w["item_embedding.weight"][item_seq] + w["position_embedding.weight"][pos]
+    x = F.dropout(ln(x, ""), p_hidden, train)
+    mask = (item_seq > 0).long().unsqueeze(1).unsqueeze(2) * (torch.triu(torch.ones(1, t, t), 1) == 0).unsqueeze(1).long()
+    ext = (1.0 - mask.float()) * -10000.0
+    hd = x.shape[-1] // n_heads
+    for i in range(n_layers):
+        a = f"trm_encoder.layer.{i}.multi_head_attention."
+        q, k, v = (dense(x, a + n).view(b, t, n_heads, hd).permute(0, 2, 1, 3) for n in ("query", "key", "value"))
+        probs = torch.softmax(q @ k.transpose(-1, -2) / math.sqrt(hd) + ext, dim=-1)
+        ctx = (F.dropout(probs, p_attn, train) @ v).permute(0, 2, 1, 3).reshape(b, t, -1)
+        x = ln(F.dropout(dense(ctx, a + "dense"), p_hidden, train) + x, a)
+        f = f"trm_encoder.layer.{i}.feed_forward."
+        h = dense(x, f + "dense_1")
+        h = h * 0.5 * (1.0 + torch.erf(h / math.sqrt(2.0)))
+        x = ln(F.dropout(dense(h, f + "dense_2"), p_hidden, train) + x, f)
+    return x[torch.arange(b), item_seq_len - 1]
+
+
+def _recbole_case(seed: int = 0):
+    torch.manual_seed(seed)
+    cfg = SASRecConfig(hidden=16, num_layers=2, num_heads=2, inner=32, dropout=0.3, attn_dropout=0.2, max_len=6)
+    m = SASRec(11, cfg)
+    with torch.no_grad():   # non-trivial LayerNorm gains / biases and Linear biases
+        for name, t in m.named_parameters():
+            if "norm" in name or name.endswith("bias"):
+                t.add_(0.1 * torch.randn_like(t))
+    hist = [np.array([3, 1, 4]), np.array([5, 8, 2, 0, 7, 9]), np.array([10]), np.array([6, 6])]
+    lengths = torch.tensor([len(h) for h in hist])
+    return m, cfg, hist, lengths
+
+
+def test_sasrec_matches_recbole_reference_eval():
+    """Scores and CE loss equal RecBole's formulas on copied weights (left or right padding)."""
+    m, cfg, hist, lengths = _recbole_case()
+    m.eval()
+    w = _to_recbole_names(m)
+    right = pad_histories(hist, 6, left=False)
+    want = _recbole_forward(w, right, lengths, 2, 2, 0.3, 0.2, train=False)
+    for padded in (right, pad_histories(hist, 6)):
+        torch.testing.assert_close(m(padded), want, rtol=1e-5, atol=1e-5)
+    logits = want @ w["item_embedding.weight"].T      # RecBole: the whole table, padding row included
+    torch.testing.assert_close(m.scores(right), logits[:, 1:], rtol=1e-5, atol=1e-5)
+    target = torch.tensor([0, 4, 10, 7])
+    torch.testing.assert_close(m.loss(right, target), F.cross_entropy(logits, target + 1), rtol=1e-5, atol=1e-6)
+    assert m.scores(right).dtype == torch.float32
+
+
+def test_sasrec_dropout_once_per_sublayer_like_recbole():
+    """Train mode, same seed: dropout masks are drawn exactly where RecBole draws them (embeddings;
+    attention weights, attention output and feed-forward output of each layer), so the outputs
+    are equal; a second dropout in the feed-forward block would shift every later mask."""
+    m, cfg, hist, lengths = _recbole_case(1)
+    m.train()
+    ffn = m.layers[0].feed_forward
+    assert sum(isinstance(x, torch.nn.Dropout) for x in ffn.modules()) == 1
+    assert sum(isinstance(x, torch.nn.Dropout) for x in m.modules()) == 1 + 3 * cfg.num_layers
+    right = pad_histories(hist, 6, left=False)
+    torch.manual_seed(123)
+    got = m(right)
+    torch.manual_seed(123)
+    want = _recbole_forward(_to_recbole_names(m), right, lengths, 2, 2, 0.3, 0.2, train=True)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    torch.manual_seed(124)
+    assert not torch.allclose(m(right), want)      # dropout is really on
+
+
+def test_sasrec_init_like_recbole():
+    torch.manual_seed(0)
+    m = SASRec(2000, SASRecConfig(hidden=64, inner=256))
+    for name, t in m.named_parameters():
+        if "norm" in name:
+            assert (t == (1.0 if name.endswith("weight") else 0.0)).all(), name
+        elif name.endswith("bias"):
+            assert (t == 0).all(), name
+        else:
+            assert abs(t.std().item() - 0.02) < 0.002 and abs(t.mean().item()) < 0.002, name
+    assert m.item_emb.weight[0].abs().sum() > 0     # RecBole's init overwrites the padding row too
+
+
+def test_sasrec_bf16_scores_are_fp32_without_ties():
+    """A bf16 model scores in fp32 (upcast state and embeddings): no ties that fp32 does not have."""
+    torch.manual_seed(0)
+    m = SASRec(500, SASRecConfig(hidden=32, num_layers=1, inner=64, max_len=6)).eval()
+    hist = pad_histories([np.array([1, 2, 3]), np.array([7])], 6)
+    half = SASRec(500, m.cfg).eval()
+    half.load_state_dict(m.state_dict())
+    half = half.to(torch.bfloat16)
+    s = half.scores(hist)
+    assert s.dtype == torch.float32 and half.logits(hist).dtype == torch.float32
+    assert all(len(torch.unique(row)) == 500 for row in s)
+    rounded = (half(hist) @ half.item_emb.weight[1:].T)      # what a bf16 product would give
+    assert any(len(torch.unique(row)) < 500 for row in rounded)
+    torch.testing.assert_close(s, m.scores(hist), rtol=0, atol=0.05)
+
+
 def test_sasrec_config_validation():
     with pytest.raises(ConfigError, match="divisible"):
         load_config(SASRecConfig, overrides=["--hidden", "63"])
     cfg = SASRecConfig()
     assert (cfg.hidden, cfg.num_layers, cfg.num_heads, cfg.inner, cfg.dropout, cfg.max_len) == (64, 2, 2, 256, 0.5, 50)
+    assert cfg.attn_dropout is None and cfg.attention_dropout == 0.5          # RecBole: 0.5 and 0.5
+    assert load_config(SASRecConfig, overrides=["--attn_dropout", "0.2"]).attention_dropout == 0.2
 
 
 def test_sasrec_learns_a_toy_pattern():

@@ -157,3 +157,53 @@ def test_assign_catalogue_rejects_bad_input():
         assign_catalogue(tok, torch.zeros(3, 2), ["a", "b", "c"], "random")
     with pytest.raises(Exception, match="2 item keys for 3"):
         assign_catalogue(tok, torch.zeros(3, 2), ["a", "b"], "none")
+
+
+def test_two_domains_assigned_together_get_distinct_ids_where_separate_assignment_collides():
+    from megarec.data.code_sequences import merge_codes
+    from megarec.data.domain import DataError
+
+    torch.manual_seed(0)
+    tok = ResidualQuantizer([4, 16], dim=2).eval()
+    xa = torch.randn(12, 2)
+    xb = torch.cat([xa[:6], torch.randn(6, 2)])             # domain B sells six of A's items
+    a = assign_catalogue(tok, xa, [f"A/{i}" for i in range(12)], "utgrec")
+    b = assign_catalogue(tok, xb, [f"B/{i}" for i in range(12)], "utgrec")
+    assert a.collision_rate() == 0.0 and b.collision_rate() == 0.0     # each domain on its own is fine ...
+    assert CodesFile(a.item_keys + b.item_keys, np.concatenate([a.codes, b.codes]), [4, 16]).collision_rate() >= 0.5
+    with pytest.raises(DataError, match="tokenize the domains together"):   # ... but their merge is refused
+        merge_codes([a, b])
+    keys = a.item_keys + b.item_keys
+    both = assign_catalogue(tok, torch.cat([xa, xb]), keys, "utgrec")
+    assert both.collision_rate() == 0.0 and len({tuple(r) for r in both.codes}) == 24
+    assert both.stats["cross_domain_collision_rate_before"] >= 12 / 24     # the 6 shared items, in both domains
+    dedup = assign_catalogue(tok, torch.cat([xa, xb]), keys, "dedup")
+    assert dedup.collision_rate() == 0.0
+
+
+def test_cross_domain_collision_rate_counts_only_ids_shared_across_domains():
+    from megarec.tokenizer.assign import cross_domain_collision_rate
+
+    codes = np.array([[0, 0], [0, 0], [1, 1], [1, 1], [2, 2]])
+    keys = ["A/0", "A/1", "A/2", "B/0", "B/1"]             # (0,0) twice in A only; (1,1) in A and B
+    assert cross_domain_collision_rate(codes, keys) == pytest.approx(2 / 5)
+    assert collision_rate(codes) == pytest.approx(4 / 5)
+    single = assign_catalogue(ResidualQuantizer([4], dim=2).eval(), torch.zeros(2, 2), ["A/0", "A/1"], "none")
+    assert "cross_domain_collision_rate_before" not in single.stats
+
+
+def test_assign_catalogue_refuses_repeated_item_keys():
+    from megarec.data.domain import DataError
+
+    with pytest.raises(DataError, match=r"1 item keys occur more than once, e.g. \['A/1'\]"):
+        assign_catalogue(ResidualQuantizer([4], dim=2).eval(), torch.zeros(3, 2), ["A/1", "A/2", "A/1"], "none")
+
+
+def test_codes_file_names_shared_ids_and_saves_atomically(tmp_path):
+    cf = CodesFile(["A/0", "A/1", "B/0", "B/1"], np.array([[0, 1], [1, 1], [0, 1], [2, 2]]), [4, 4])
+    assert cf.shared_ids() == [["A/0", "B/0"]]
+    assert CodesFile(["A/0"], np.array([[0, 1]]), [4, 4]).shared_ids() == []
+    path = tmp_path / "codes.safetensors"
+    cf.save(path)
+    assert [p.name for p in tmp_path.iterdir()] == ["codes.safetensors"]     # no temporary file left behind
+    assert CodesFile.load(path).item_keys == cf.item_keys

@@ -16,17 +16,17 @@ def tiny_bert(tmp_path_factory):
     return save_tiny_bert(tmp_path_factory.mktemp("tiny_bert"))
 
 
-def write_domain(folder, n_items=60, with_items=True):
+def write_domain(folder, n_items=60, with_items=True, name="Tiny"):
     rng = np.random.default_rng(0)
     folder.mkdir(parents=True, exist_ok=True)
     inter = {f"u{u}": [int(i) for i in rng.choice(n_items, 6, replace=False)] for u in range(40)}
     for i in range(n_items):                        # every item appears at least once
         inter[f"u{i % 40}"].append(i)
-    (folder / "Tiny.inter.json").write_text(json.dumps(inter))
+    (folder / f"{name}.inter.json").write_text(json.dumps(inter))
     if with_items:
         items = {str(i): {"title": " ".join(rng.choice(WORDS, 4)), "brand": str(rng.choice(WORDS)),
                           "categories": "", "description": ""} for i in range(n_items)}
-        (folder / "Tiny.item.json").write_text(json.dumps(items))
+        (folder / f"{name}.item.json").write_text(json.dumps(items))
     return folder
 
 
@@ -93,3 +93,30 @@ def test_collaborative_embeddings_input_and_errors(tmp_path, capsys):
     assert "not a trained tokenizer" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         main(["stats", str(data), "--epochs", "3"])          # overrides only where a command takes them
+
+
+def test_two_paths_train_one_tokenizer_and_write_one_codes_file(tmp_path, tiny_bert, capsys):
+    # Pens is Tiny under another name: the same item texts, so a tokenizer gives both domains the same codes
+    tiny, pens = write_domain(tmp_path / "Tiny"), write_domain(tmp_path / "Pens", n_items=60, name="Pens")
+    out = tmp_path / "tok"
+    assert main(["train-tokenizer", str(tiny), str(pens), "--out", str(out), *SMALL, "--encoder", str(tiny_bert)]) == 0
+    assert "2 domains in one code space (Tiny: 60 items, Pens: 60 items)" in capsys.readouterr().out
+    codes = CodesFile.load(out / "codes.safetensors")
+    assert codes.item_keys == [f"Tiny/{i}" for i in range(60)] + [f"Pens/{i}" for i in range(60)]
+    assert codes.collision_rate() == 0.0
+    assert codes.stats["cross_domain_collision_rate_before"] == 1.0      # every item had its twin's ID
+    assert [d["name"] for d in codes.stats["settings"]["domains"]] == ["Tiny", "Pens"]
+    for name in ("Tiny", "Pens"):
+        assert (out / "text_embeddings" / f"{name}.safetensors").is_file()
+
+    # tokenize: one file for both domains (dedup), collisions resolved across them
+    both = tmp_path / "both.safetensors"
+    assert main(["tokenize", str(tiny), str(pens), "--model", str(out), "--out", str(both),
+                 "--collisions", "dedup"]) == 0
+    assert "2 domains in one code space" in capsys.readouterr().out
+    d = CodesFile.load(both)
+    assert d.item_keys == codes.item_keys and d.dedup_level and d.collision_rate() == 0.0
+    # (one domain at a time, the two files would collide everywhere and merge_codes refuses them:
+    # tests/test_codes_multidomain.py); the same domain twice is a clear error
+    assert main(["tokenize", str(tiny), str(tiny), "--model", str(out), "--out", str(both)]) == 2
+    assert "domain names must be unique" in capsys.readouterr().err

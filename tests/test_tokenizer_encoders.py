@@ -82,3 +82,35 @@ def test_collaborative_embeddings_follow_domain_order(tmp_path):
     save_item_embeddings(path, emb[:3], keys[:3])
     with pytest.raises(DataError, match="no embedding for 2 items"):
         collaborative_embeddings(path, dom)
+
+
+def test_sorted_encoding_equals_unsorted_and_keeps_input_order(tiny_bert):
+    from transformers import AutoTokenizer
+
+    from megarec.tokenizer.encoders import length_order, padded_tokens, token_lengths
+
+    rng = np.random.default_rng(0)
+    words = "red blue green lamp cable tape steel glue box kit long short".split()
+    texts = [" ".join(rng.choice(words, int(n))) for n in rng.integers(0, 30, 23)]
+    texts[5] = texts[17]                                    # equal texts stay equal, in their own rows
+    sorted_ = encode_texts(texts, tiny_bert, batch_size=4, normalize=False, progress=False)
+    plain = encode_texts(texts, tiny_bert, batch_size=4, normalize=False, progress=False, sort_by_length=False)
+    assert torch.allclose(sorted_, plain, atol=1e-5)
+    alone = encode_texts(texts[::-1], tiny_bert, batch_size=4, normalize=False, progress=False)
+    assert torch.allclose(alone.flip(0), sorted_, atol=1e-5)         # row i is text i, whatever the order
+    assert torch.allclose(sorted_[5], sorted_[17], atol=1e-6)
+    # the point of sorting: batches of similar length pad less
+    lengths = token_lengths(AutoTokenizer.from_pretrained(tiny_bert), texts, 256)
+    order = length_order(lengths)
+    assert [lengths[i] for i in order] == sorted(lengths) and length_order(lengths, False) == list(range(23))
+    assert padded_tokens(lengths, order, 4) < padded_tokens(lengths, list(range(23)), 4)
+
+
+def test_token_lengths_follow_truncation(tiny_bert):
+    from transformers import AutoTokenizer
+
+    from megarec.tokenizer.encoders import padded_tokens, token_lengths
+
+    tok = AutoTokenizer.from_pretrained(tiny_bert)
+    assert token_lengths(tok, ["", "red lamp", "red " * 40], 8) == [2, 4, 8]   # [CLS] ... [SEP]
+    assert padded_tokens([2, 4, 8], [0, 1, 2], 2) == 2 * 4 + 8

@@ -100,3 +100,54 @@ def test_config_rejects_bad_values():
         load_config(TokenizerConfig, None, ["--rqvae.quantizer", "fuzzy"])
     with pytest.raises(ConfigError, match="codebook_sizes"):
         load_config(TokenizerConfig, None, ["--rqvae.codebook_sizes", "256,0"])
+
+
+def _unit_clusters(n=512, d=96, k=32, seed=0):
+    """Unit-norm inputs like sentence-encoder text embeddings: k tight clusters on the sphere."""
+    g = torch.Generator().manual_seed(seed)
+    centres = torch.nn.functional.normalize(torch.randn(k, d, generator=g), dim=1)
+    noise = 0.05 * torch.randn(n, d, generator=g)
+    return torch.nn.functional.normalize(centres[torch.arange(n) % k] + noise, dim=1)
+
+
+@pytest.mark.parametrize("hidden", [[256, 128, 64], [512, 256, 128, 64]])
+def test_soft_latent_distances_are_on_the_papers_temperature_scale(hidden):
+    """Regression test of the soft-quantiser collapse on text embeddings: with PyTorch's default
+    Linear init, unit-norm inputs reach the latent nearly constant (biases dominate), squared
+    distances to the codes are ~1e-5, and softmax(-d^2 / tau) is uniform even at the paper's
+    tau_min = 0.001, so every item is quantised to the mean codeword. The soft RQ-VAE's default
+    init (xavier-normal, zero biases, as the public UniGRec code) puts them on tau's scale."""
+    from megarec.kernels import code_probs
+
+    x = _unit_clusters()
+    K = 64
+
+    def level1(init):
+        torch.manual_seed(0)
+        m = RQVAE(x.shape[1], RQVAEConfig(hidden=hidden, code_dim=32, codebook_sizes=[K, K], quantizer="soft",
+                                           init=init))
+        with torch.no_grad():
+            m.init_codebooks(x, torch.Generator().manual_seed(0))
+            p = code_probs(m.encoder(x), m.quantizer.codebook(0), m.cfg.tau_min)
+        return m, p.max(1).values.mean().item()
+
+    model, sharp = level1("auto")
+    assert model.init_kind == "xavier" and model.recon_reduction == "mean"
+    assert sharp > 0.3, f"level-1 assignment at tau_min is near uniform (mean max prob {sharp:.3f}, uniform {1 / K})"
+    _, collapsed = level1("torch")
+    assert collapsed < 0.05                      # the failure this guards against
+    hard = RQVAE(x.shape[1], RQVAEConfig(hidden=hidden, code_dim=32, codebook_sizes=[K]))
+    assert hard.init_kind == "torch" and hard.recon_reduction == "sum"    # the hard path is unchanged
+
+
+def test_soft_reconstruction_is_the_per_element_mse():
+    """UniGRec's lambda_CU = 1e-4 is relative to the public code's F.mse_loss (mean over dimensions)."""
+    z, zh = torch.randn(5, 3), torch.randn(5, 3)
+    assert reconstruction_loss(z, zh, "mean").item() == pytest.approx(
+        torch.nn.functional.mse_loss(zh, z).item(), rel=1e-6)
+    torch.manual_seed(1)
+    model = RQVAE(16, small_cfg(quantizer="soft"))
+    z = clustered(40)
+    out = model(z, tau=0.3)
+    zh = model.decoder(model.quantizer(model.encoder(z), 0.3).quantized)
+    assert out.recon_loss.item() == pytest.approx(torch.nn.functional.mse_loss(zh, z).item(), rel=1e-5)

@@ -124,6 +124,54 @@ def test_epoch_batches_split_ranks_evenly(n, bs, world):
     assert not np.array_equal(np.concatenate(epoch_batches(100, 10, epoch=3, seed=7)), other)
 
 
+@pytest.mark.parametrize("n,bs,world,window", [(103, 8, 1, 4), (103, 8, 2, 4), (50, 7, 3, 2), (5, 8, 2, 50)])
+def test_grouped_batches_cover_the_epoch_like_random_ones(n, bs, world, window):
+    """Same samples, same batch count per rank as the random order; depends only on (seed, epoch)."""
+    from megarec.engine.sampler import batches_per_epoch, grouped_epoch_batches
+
+    lengths = np.random.default_rng(0).integers(1, 80, n)
+    per_rank = [grouped_epoch_batches(lengths, bs, 3, 7, r, world, window) for r in range(world)]
+    rnd = [epoch_batches(n, bs, 3, 7, r, world) for r in range(world)]
+    assert all(len(b) == batches_per_epoch(n, bs, world) for b in per_rank)
+    assert sorted(np.concatenate([np.concatenate(b) for b in per_rank])) == \
+        sorted(np.concatenate([np.concatenate(b) for b in rnd]))          # the same multiset (wrap-around too)
+    again = grouped_epoch_batches(lengths, bs, 3, 7, 0, world, window)
+    assert all(np.array_equal(x, y) for x, y in zip(again, per_rank[0]))
+    other = grouped_epoch_batches(lengths, bs, 4, 7, 0, world, window)
+    assert len(other) == 1 or not all(np.array_equal(x, y) for x, y in zip(other, per_rank[0]))
+    for r in range(1, world):      # a global batch is dealt row by row: ranks see equal batch sizes
+        assert [len(b) for b in per_rank[r]] == [len(b) for b in per_rank[0]]
+
+
+def test_grouped_batches_cut_padding():
+    """On skewed lengths (most histories short, a few long: the sliding-window samples) grouped
+    batches pad far less than random ones."""
+    from megarec.engine.sampler import grouped_epoch_batches
+
+    rng = np.random.default_rng(1)
+    lengths = np.minimum(rng.geometric(0.25, 20000), 21) * 4 + 1
+    def real_fraction(batches):
+        return sum(lengths[b].sum() for b in batches) / sum(len(b) * lengths[b].max() for b in batches)
+    rnd = real_fraction(epoch_batches(len(lengths), 256, 0, 0))
+    grp = real_fraction(grouped_epoch_batches(lengths, 256, 0, 0, window=50))
+    assert rnd < 0.3 and grp > 0.9, (rnd, grp)
+    # window=1 keeps the random batches (only sorted inside each), so the same padding
+    one = real_fraction(grouped_epoch_batches(lengths, 256, 0, 0, window=1))
+    assert one == pytest.approx(rnd)
+
+
+def test_eval_batches_grouped_by_length_cover_each_sample_once():
+    lengths = np.array([3, 9, 1, 7, 7, 2, 5])
+    for world in (1, 2, 3):
+        seen = []
+        for r in range(world):
+            for eb in eval_batches(len(lengths), 2, r, world, lengths):
+                seen += list(eb.indices[: eb.num_real])
+        assert sorted(seen) == list(range(len(lengths)))
+    first = eval_batches(len(lengths), 2, 0, 1, lengths)[0]
+    assert list(first.indices) == [1, 3]       # longest first
+
+
 @pytest.mark.parametrize("n,bs,world", [(10, 3, 2), (5, 8, 3), (1, 2, 2), (9, 3, 3)])
 def test_eval_batches_cover_each_sample_once(n, bs, world):
     per_rank = [eval_batches(n, bs, r, world) for r in range(world)]
@@ -206,7 +254,73 @@ def test_trainer_early_stops_and_tests_best_weights(tmp_path):
     assert json.loads((tmp_path / "run" / "metrics.json").read_text())["best_valid"] == 0.5
 
 
+def test_epoch_hooks_and_gates_freeze_a_group(tmp_path):
+    """A method's epoch hooks drive ``lr_gates``: a group gated to 0 does not move in that epoch
+    although AdamW still holds momentum for it; the other group trains; hooks see every epoch."""
+    from megarec.engine.deepspeed_setup import WarmupCosine, build_engine
+    from megarec.engine.param_groups import param_groups
+    from megarec.engine.trainer import LoopConfig, Trainer, TrainTask
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(3, 3), torch.nn.Linear(3, 1))
+    ds = resolve_ds_config(None, micro_batch_size=8, lr=0.05, weight_decay=0.1)
+    groups = param_groups(model, 0.1, lr_scales={"1.": 0.5})
+    gates: dict[str, float] = {}
+    engine = build_engine(model, ds, WarmupCosine(0, 100, 1.0), model_parameters=groups, gates=gates)
+    xs, ys = torch.randn(32, 3), torch.randn(32, 1)
+    snaps, calls = [], []
+
+    def start(epoch):
+        calls.append(("start", epoch))
+        gates["1."] = 0.0 if epoch % 2 else 1.0          # freeze the second layer in odd epochs
+        snaps.append([p.detach().clone() for p in model.parameters()])
+
+    task = TrainTask(num_samples=32, batch=lambda idx: (xs[idx], ys[idx]),
+                     loss=lambda eng, b: {"loss": (eng(b[0]) - b[1]).pow(2).mean()},
+                     evaluate=lambda m, split: {"ndcg@10": 0.0}, on_epoch_start=start,
+                     on_epoch_end=lambda e: calls.append(("end", e)), lr_gates=gates)
+    Trainer(engine, task, LoopConfig(epochs=3, batch_size=8, patience=0, progress=False), tmp_path / "r").fit()
+    after = [p.detach().clone() for p in model.parameters()]
+    assert calls == [("start", 0), ("end", 0), ("start", 1), ("end", 1), ("start", 2), ("end", 2)]
+    first, second = [0, 1], [2, 3]       # parameter indices of the two layers
+    for i in second:   # frozen through epoch 1 (momentum from epoch 0 notwithstanding)
+        assert torch.equal(snaps[1][i], snaps[2][i]) and not torch.equal(snaps[0][i], snaps[1][i])
+    for i in first:
+        assert not torch.equal(snaps[1][i], snaps[2][i]) and not torch.equal(snaps[2][i], after[i])
+    lrs = {g["name"]: g["lr"] for g in engine.optimizer.param_groups}
+    assert lrs["1.decay"] == pytest.approx(0.5 * lrs["decay"])      # epoch 2: gate back to 1
+
+
+def test_cpu_bf16_autocast_trains(tmp_path):
+    """``train.cpu_bf16``: the training forward runs under bf16 autocast; weights stay fp32."""
+    from megarec.engine.trainer import LoopConfig, Trainer, TrainTask
+
+    engine = _toy_engine(total=100)
+    xs, ys = torch.randn(32, 3), torch.randn(32, 1)
+    dtypes = set()
+
+    def loss(eng, b):
+        out = eng(b[0])
+        dtypes.add(out.dtype)
+        return {"loss": (out.float() - b[1]).pow(2).mean()}
+
+    task = TrainTask(num_samples=32, batch=lambda idx: (xs[idx], ys[idx]), loss=loss,
+                     evaluate=lambda m, split: {"ndcg@10": 0.0})
+    Trainer(engine, task, LoopConfig(epochs=1, batch_size=8, progress=False, cpu_bf16=True), tmp_path / "r").fit()
+    assert torch.bfloat16 in dtypes and engine.module.weight.dtype == torch.float32
+
+
 # --------------------------------------------------------------------------- TIGER / SASRec runs
+def test_no_deepspeed_shm_buffers_left_behind(tiger_run):
+    """DeepSpeed's CPU all-reduce buffers (69 MB each in /dev/shm) are unlinked once mapped:
+    left behind, every run adds some until the machine runs out of memory."""
+    import glob
+    import os
+
+    port = os.environ["MASTER_PORT"]     # this process's 1-rank group, which trained tiger_run
+    assert not glob.glob(f"/dev/shm/deepspeed_allreduce_buffer_{os.getuid()}_*_{port}_*")
+
+
 def test_tiger_run_outputs(tiger_run):
     run = tiger_run["run"]
     m = _metrics(run)
@@ -337,20 +451,54 @@ def test_sasrec_run_and_recommend(tmp_path, capsys):
 
 
 def test_profiles_are_valid_configs():
-    """Every profile has settings for every method and for TIGER's tokenizer, and they validate."""
+    """Every registered method ships the four standard profiles; each validates, and so do
+    its pipeline stages' settings."""
     from megarec.config import TokenizerConfig, load_config
-    from megarec.train_rec import METHODS, PROFILES, TOKENIZER_PROFILES, TrainRecConfig, profile_overrides
+    from megarec.methods import method_names
+    from megarec.methods.profiles import STANDARD, flatten, load_profile, profile_names
+    from megarec.train_rec import TrainRecConfig, profile_layer
 
-    assert set(PROFILES) == set(TOKENIZER_PROFILES) >= {"paper", "cpu-small", "quickstart", "tiny"}
-    for profile in PROFILES:
-        for method in METHODS:
-            cfg = load_config(TrainRecConfig, None, [("method", method), *profile_overrides(method, profile)])
+    for method in method_names():
+        assert set(STANDARD) <= set(profile_names(method)), method
+        for profile in STANDARD:
+            cfg = load_config(TrainRecConfig, None, [("method", method)], base=[profile_layer(method, profile)])
             assert cfg.train.beam_size >= 10
-        load_config(TokenizerConfig, None, [(k, str(v)) for k, v in TOKENIZER_PROFILES[profile].items()])
-    sas = load_config(TrainRecConfig, None, profile_overrides("sasrec", "paper"))
-    # PROTOCOL.md: RecBole SASRec, lr 1e-3 (constant), batch 256, patience 10, 2 layers/heads, hidden 64
+            tok = load_profile(method, profile).stages.get("tokenizer")
+            if tok is not None and method == "tiger":
+                load_config(TokenizerConfig, None, [(k, ",".join(map(str, v)) if isinstance(v, list) else str(v))
+                                                    for k, v in flatten(tok)])
+    sas = load_config(TrainRecConfig, None, [("method", "sasrec")], base=[profile_layer("sasrec", "paper")])
+    # PROTOCOL.md: RecBole SASRec, lr 1e-3 (constant), batch 256, patience 10, 2 layers/heads, hidden 64, no clipping
     assert (sas.train.lr, sas.train.min_lr_ratio, sas.train.batch_size, sas.train.patience) == (1e-3, 1.0, 256, 10)
+    assert sas.train.grad_clip == 0.0 and sas.train.weight_decay == 0.0
     assert (sas.sasrec.num_layers, sas.sasrec.num_heads, sas.sasrec.hidden, sas.sasrec.inner, sas.sasrec.dropout) == \
         (2, 2, 64, 256, 0.5)
-    with pytest.raises(ConfigError, match="unknown profile"):
-        profile_overrides("tiger", "huge")
+    with pytest.raises(ConfigError, match="no settings for method 'tiger'; choose from paper, cpu-small"):
+        profile_layer("tiger", "huge")
+
+
+def test_precedence_defaults_profile_file_command_line(tmp_path):
+    """defaults < profile < the user's config file < command-line overrides."""
+    from megarec.train_rec import parse_args
+
+    f = tmp_path / "my.yaml"
+    f.write_text("method: tiger\ntrain:\n  epochs: 3\n  lr: 0.5\n")
+    cfg = parse_args(["--config", str(f), "--profile", "tiny", "--train.lr", "0.25"])
+    assert cfg.train.epochs == 3            # the file beats the profile (tiny: 2)
+    assert cfg.train.lr == 0.25             # the command line beats the file
+    assert cfg.tiger.d_model == 32          # the profile beats the defaults (128)
+    assert cfg.train.weight_decay == 0.05   # untouched default
+    cfg = parse_args(["--profile", "tiny", "--method", "sasrec"])   # the command line's method picks the profile
+    assert cfg.sasrec.hidden == 16 and cfg.train.epochs == 2
+
+
+def test_train_rec_names_no_method():
+    """The entry point and the trainer never test a method's name: methods are plug-ins."""
+    import megarec.engine.trainer
+    import megarec.train_rec
+    from megarec.methods import method_names
+
+    for mod in (megarec.train_rec, megarec.engine.trainer):
+        src = Path(mod.__file__).read_text()
+        for name in method_names():
+            assert f'"{name}"' not in src and f"'{name}'" not in src, (mod.__name__, name)

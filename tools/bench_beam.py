@@ -82,13 +82,14 @@ def sample_batch(successor: np.ndarray, batch: int, max_items: int, rng: np.rand
 
 def train(model: GenerativeRecommender, vocab: CodeVocab, tok: np.ndarray, successor: np.ndarray, steps: int,
           batch: int, max_items: int, rng: np.random.Generator) -> list[float]:
+    dev = next(model.parameters()).device
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
     model.train()
     losses = []
     for _ in tqdm(range(steps), desc="train", mininterval=5):
         hists, targets = sample_batch(successor, batch, max_items, rng)
         ids, mask = vocab.encode_histories(hists, tok)
-        loss = model(ids, mask, torch.from_numpy(tok[targets])).loss
+        loss = model(ids.to(dev), mask.to(dev), torch.from_numpy(tok[targets]).to(dev)).loss
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -109,7 +110,7 @@ def hf_beam(model: GenerativeRecommender, ids, mask, allowed: dict, pos: dict, b
                             pad_token_id=model.vocab.PAD, eos_token_id=model.vocab.EOS)
     seqs = out.sequences[:, 1:1 + levels].tolist()
     items = torch.tensor([pos.get(tuple(s), -1) for s in seqs]).view(len(ids), beam)
-    return items, out.sequences_scores.view(len(ids), beam).float()
+    return items, out.sequences_scores.view(len(ids), beam).float().cpu()
 
 
 def same_up_to_ties(a_items, a_sc, b_items, b_sc, tol: float) -> tuple[bool, bool]:
@@ -129,12 +130,19 @@ def same_up_to_ties(a_items, a_sc, b_items, b_sc, tol: float) -> tuple[bool, boo
     return exact, True
 
 
+def _sync() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
 def timed(fn, repeats: int) -> tuple[float, object]:
     fn()                                                   # warm-up
     times, out = [], None
     for _ in range(repeats):
+        _sync()
         t0 = time.perf_counter()
         out = fn()
+        _sync()
         times.append(time.perf_counter() - t0)
     return statistics.median(times), out
 
@@ -156,6 +164,7 @@ def main(argv: list[str] | None = None) -> int:
                     help="torch threads (default 1: robust on a shared machine; 0 = torch's default)")
     ap.add_argument("--tol", type=float, default=1e-4, help="score tolerance for ties / agreement")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     args = ap.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -171,13 +180,13 @@ def main(argv: list[str] | None = None) -> int:
     codes, successor = make_catalogue(args.items, args.levels, args.codebook, rng)
     vocab = CodeVocab([args.codebook] * args.levels)
     tok = vocab.item_tokens(codes)
-    model = GenerativeRecommender(T5RecConfig(), vocab)
+    model = GenerativeRecommender(T5RecConfig(), vocab).to(args.device)
     t0 = time.perf_counter()
     losses = train(model, vocab, tok, successor, steps, train_batch, train_items, rng)
     train_s = time.perf_counter() - t0
 
     t0 = time.perf_counter()
-    trie = ItemTrie(tok, args.levels, vocab)
+    trie = ItemTrie(tok, args.levels, vocab).to(args.device)
     trie_build_s = time.perf_counter() - t0
     t0 = time.perf_counter()
     allowed: dict[tuple, list[int]] = {}
@@ -190,10 +199,12 @@ def main(argv: list[str] | None = None) -> int:
 
     hists, targets = sample_batch(successor, batch, args.max_items, rng)
     ids, mask = vocab.encode_histories(hists, tok)
+    ids, mask = ids.to(args.device), mask.to(args.device)
     rows = []
     with torch.inference_mode():
         for beam in beams:
             ours_s, (o_items, o_sc) = timed(lambda: beam_search(model, ids, mask, trie, beam), repeats)
+            o_items, o_sc = o_items.cpu(), o_sc.float().cpu()
             hf_s, (h_items, h_sc) = timed(lambda: hf_beam(model, ids, mask, allowed, pos, beam, args.levels), repeats)
             exact, identical = same_up_to_ties(o_items, o_sc, h_items, h_sc, args.tol)
             rows.append({
@@ -215,7 +226,7 @@ def main(argv: list[str] | None = None) -> int:
         "history_items": args.max_items, "repeats": repeats, "tol": args.tol, "seed": args.seed,
         "model": "T5RecConfig defaults (6+6 layers, d_model 128, d_ff 512, 4 heads)",
         "train_s": train_s, "loss_first": losses[0], "loss_last": losses[-1], "trie_build_s": trie_build_s,
-        "torch": torch.__version__, "threads": torch.get_num_threads(), "machine": platform.processor() or platform.machine()}}
+        "torch": torch.__version__, "device": args.device, "threads": torch.get_num_threads(), "machine": platform.processor() or platform.machine()}}
     Path(args.json).parent.mkdir(parents=True, exist_ok=True)
     Path(args.json).write_text(json.dumps(report, indent=2))
     return 0

@@ -25,12 +25,21 @@ values. Rounds alternate plain / megarec (``--repeats``); each row reports the b
 round (on a machine shared with other jobs pass ``--threads 1``: two OpenMP threads
 contending with other processes slow both loops down many times, and unevenly).
 ``summary.train_overhead`` = megarec time per sample / plain time per sample
-(target <= 1.1).
+(target <= 1.1); both loops take the same random batches here (``group_by_length`` off).
+
+Length-grouped batches (second table): one full epoch of TIGER training through the
+trainer with the ``cpu-small`` T5 (2 + 2 layers, d_model 64) on Scientific (``--grouped_data``;
+the embedded sample with ``--quick``), random batches vs batches grouped by length
+(:func:`~megarec.engine.sampler.grouped_epoch_batches`), alternating, ``--grouped_repeats``
+rounds each, median epoch time. ``real_token_fraction`` = real encoder tokens / padded
+encoder positions over the epoch's batches. ``summary.grouped_speedup`` = random epoch
+time / grouped epoch time (target >= 3 on Scientific).
 """
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import platform
 import sys
 import tempfile
@@ -45,6 +54,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from megarec.cli import format_table  # noqa: E402
 from megarec.data.code_sequences import CodeSequenceData  # noqa: E402
 from megarec.data.codes import CodesFile  # noqa: E402
+from megarec.engine.deepspeed_setup import WarmupCosine  # noqa: E402
 from megarec.engine.sampler import epoch_batches  # noqa: E402
 
 
@@ -87,9 +97,47 @@ def megarec_loop(cfg, data, run_dir: Path, num_samples: int, schedule, log_every
     task = tiger.make_task(cfg, data, device(), {})
     task.evaluate = lambda module, split: {"ndcg@10": 0.0}   # time the training loop only
     task.num_samples = num_samples
+    task.lengths = task.lengths[:num_samples]
     loop = LoopConfig(epochs=1, batch_size=cfg.train.batch_size, seed=cfg.train.seed, log_every=log_every,
-                      progress=True, keep_checkpoints=1)
+                      progress=True, keep_checkpoints=1, group_by_length=cfg.train.group_by_length)
     return Trainer(engine, task, loop, run_dir).fit()["train_s"]
+
+
+def real_token_fraction(lengths: np.ndarray, batches: list[np.ndarray]) -> float:
+    """Real tokens / padded positions when each batch is padded to its longest row."""
+    return float(sum(lengths[b].sum() for b in batches) / sum(len(b) * lengths[b].max() for b in batches))
+
+
+def grouped_vs_random(paths: list[str], repeats: int, run_root: Path, batch_size: int = 256,
+                      max_samples: int = 0) -> dict:
+    """Epoch time of TIGER (cpu-small T5) through the trainer, random vs length-grouped batches."""
+    from megarec.config import load_config
+    from megarec.data.readers import read_domain
+    from megarec.engine.sampler import grouped_epoch_batches
+    from megarec.train_rec import TrainRecConfig, profile_layer
+
+    domains = [read_domain(p) for p in paths]
+    cfg = load_config(TrainRecConfig, None, [("method", "tiger"), ("train.batch_size", str(batch_size))],
+                      base=[profile_layer("tiger", "cpu-small")])
+    data = CodeSequenceData(domains, random_codes(domains, 4, 256), max_len=cfg.data.max_len)
+    n = min(len(data.train), max_samples) if max_samples else len(data.train)
+    lengths = data.train.lengths
+    fractions = {"random": real_token_fraction(lengths[:n], epoch_batches(n, batch_size, 0, cfg.train.seed)),
+                 "grouped": real_token_fraction(lengths[:n], grouped_epoch_batches(lengths[:n], batch_size, 0,
+                                                                                   cfg.train.seed))}
+    times: dict[str, list[float]] = {"random": [], "grouped": []}
+    for r in range(repeats):
+        for mode in ("random", "grouped"):
+            cfg.train.group_by_length = mode == "grouped"
+            schedule = WarmupCosine(cfg.train.warmup_steps, math.ceil(n / batch_size), 0.0)
+            t = megarec_loop(cfg, data, run_root / f"{mode}{r}", n, schedule, 50)
+            times[mode].append(t)
+            print(f"grouped round {r}: {mode} epoch {t:.1f} s", file=sys.stderr)
+    med = {k: float(np.median(v)) for k, v in times.items()}
+    return {"domains": [d.name for d in domains], "train_samples": n, "batch_size": batch_size,
+            "rows": [{"batches": k, "real_token_fraction": fractions[k], "epoch_s": med[k],
+                      "rounds_epoch_s": times[k]} for k in ("random", "grouped")],
+            "grouped_speedup": med["random"] / med["grouped"]}
 
 
 def main(argv=None) -> int:
@@ -103,6 +151,14 @@ def main(argv=None) -> int:
     ap.add_argument("--levels", type=int, default=4, help="code levels (TIGER: 3 + dedup)")
     ap.add_argument("--codebook", type=int, default=256)
     ap.add_argument("--log_every", type=int, default=50)
+    ap.add_argument("--grouped_data", nargs="*", default=None,
+                    help="domains of the grouped-batches table (default: ../shared/data/amazon/Scientific, "
+                         "the embedded sample with --quick)")
+    ap.add_argument("--grouped_repeats", type=int, default=None, help="rounds of the grouped-batches table")
+    ap.add_argument("--skip_overhead", action="store_true", help="only the grouped-batches table")
+    ap.add_argument("--skip_grouped", action="store_true", help="only the overhead table")
+    ap.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
+                    help="where the plain loop runs (the trainer follows DS_ACCELERATOR: set it to cuda too)")
     ap.add_argument("--threads", type=int, default=0, help="torch threads for both loops (0 = torch's default; "
                                                            "use 1 on a machine shared with other jobs)")
     args = ap.parse_args(argv)
@@ -112,7 +168,7 @@ def main(argv=None) -> int:
     from megarec.config import load_config
     from megarec.data.readers import read_domain
     from megarec.data.sample import sample_paths
-    from megarec.engine.deepspeed_setup import WarmupCosine, init_distributed
+    from megarec.engine.deepspeed_setup import init_distributed
     from megarec.methods import tiger
     from megarec.train_rec import TrainRecConfig
 
@@ -123,7 +179,8 @@ def main(argv=None) -> int:
     domains = [read_domain(p) for p in paths]
     model_over = ([("tiger.num_layers", "2"), ("tiger.num_decoder_layers", "2")] if args.quick else [])
     cfg = load_config(TrainRecConfig, None, [("method", "tiger"), ("train.batch_size", str(bs)),
-                                             ("train.warmup_steps", "10"), ("train.lr", "1e-3"), *model_over])
+                                             ("train.warmup_steps", "10"), ("train.lr", "1e-3"),
+                                             ("train.group_by_length", "false"), *model_over])
     data = CodeSequenceData(domains, random_codes(domains, args.levels, args.codebook), max_len=cfg.data.max_len)
     steps = min(steps, len(data.train) // bs)
     if steps < 2:
@@ -131,26 +188,39 @@ def main(argv=None) -> int:
     init_distributed()
     n = steps * bs
     # the plain loop gets exactly the batches the trainer draws for its epoch 0
-    batches = [data.train.batch(idx) for idx in epoch_batches(n, bs, epoch=0, seed=cfg.train.seed)]
+    batches = [data.train.batch(idx, args.device) for idx in epoch_batches(n, bs, epoch=0, seed=cfg.train.seed)]
     schedule = WarmupCosine(cfg.train.warmup_steps, steps, 0.0)
-    rows = {"plain": [], "megarec": []}
+    rows: dict[str, list[float]] = {"plain": [], "megarec": []}
     with tempfile.TemporaryDirectory() as tmp:
-        for r in range(repeats):
+        for r in range(0 if args.skip_overhead else repeats):
             torch.manual_seed(cfg.train.seed)
-            model = tiger.build_model(cfg, data)
+            model = tiger.build_model(cfg, data).to(args.device)
             rows["plain"].append(plain_loop(model, batches, cfg.train.lr, cfg.train.weight_decay, schedule) / n)
             rows["megarec"].append(megarec_loop(cfg, data, Path(tmp) / f"run{r}", n, schedule, args.log_every) / n)
             print(f"round {r}: plain {1 / rows['plain'][-1]:.1f} samples/s, megarec {1 / rows['megarec'][-1]:.1f} "
                   f"samples/s", file=sys.stderr)
-    best = {k: min(v) for k, v in rows.items()}
+        shared = Path(__file__).resolve().parents[2] / "shared" / "data" / "amazon" / "Scientific"
+        gpaths = args.grouped_data or ([str(p) for p in sample_paths()] if args.quick or not shared.exists()
+                                       else [str(shared)])
+        grouped = None if args.skip_grouped else grouped_vs_random(
+            gpaths, args.grouped_repeats or (1 if args.quick else 2), Path(tmp) / "grouped")
+    summary: dict[str, float] = {}
+    results = []
+    if rows["plain"]:
+        best = {k: min(v) for k, v in rows.items()}
+        results = [{"loop": k, "samples_per_s": 1.0 / best[k], "ms_per_step": 1000 * best[k] * bs,
+                    "rounds_samples_per_s": [1.0 / x for x in v]} for k, v in rows.items()]
+        summary.update({"train_overhead": best["megarec"] / best["plain"],
+                        "megarec_samples_per_s": 1.0 / best["megarec"], "plain_samples_per_s": 1.0 / best["plain"]})
+        print(format_table([{k: v for k, v in r.items() if k != "rounds_samples_per_s"} for r in results],
+                           ["loop", "samples_per_s", "ms_per_step"]))
+        print(f"train_overhead = {summary['train_overhead']:.3f} (megarec time per sample / plain; target <= 1.1)")
+    if grouped is not None:
+        summary["grouped_speedup"] = grouped["grouped_speedup"]
+        print(format_table(grouped["rows"], ["batches", "real_token_fraction", "epoch_s"]))
+        print(f"grouped_speedup = {grouped['grouped_speedup']:.2f} (random / grouped epoch time, "
+              f"{'+'.join(grouped['domains'])}, {grouped['train_samples']} samples; target >= 3 on Scientific)")
     n_params = sum(p.numel() for p in tiger.build_model(cfg, data).parameters())
-    results = [{"loop": k, "samples_per_s": 1.0 / best[k], "ms_per_step": 1000 * best[k] * bs,
-                "rounds_samples_per_s": [1.0 / x for x in v]} for k, v in rows.items()]
-    summary = {"train_overhead": best["megarec"] / best["plain"],
-               "megarec_samples_per_s": 1.0 / best["megarec"], "plain_samples_per_s": 1.0 / best["plain"]}
-    print(format_table([{k: v for k, v in r.items() if k != "rounds_samples_per_s"} for r in results],
-                       ["loop", "samples_per_s", "ms_per_step"]))
-    print(f"train_overhead = {summary['train_overhead']:.3f} (megarec time per sample / plain; target <= 1.1)")
     if args.json:
         out = {"config": {"quick": args.quick, "steps": steps, "batch_size": bs, "repeats": repeats,
                           "domains": [d.name for d in domains], "train_samples": len(data.train),
@@ -159,7 +229,7 @@ def main(argv=None) -> int:
                                                                     "d_ff", "num_heads")},
                           "torch_threads": torch.get_num_threads(), "torch": torch.__version__,
                           "platform": platform.platform()},
-               "results": results, "summary": summary}
+               "results": results, "grouped": grouped, "summary": summary}
         Path(args.json).write_text(json.dumps(out, indent=2))
     return 0
 

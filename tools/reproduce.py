@@ -2,6 +2,7 @@
 
     python tools/reproduce.py --data PATH [PATH ...] --methods sasrec,tiger --profile cpu-small \
         --json FILE [--out runs/reproduce] [--seeds 2024]
+    python tools/reproduce.py --data TARGET --pretrain DOMAIN [DOMAIN ...] --methods utgrec,utgrec-nopt ...
 
 Each dataset (any format ``megarec.data.readers`` accepts) is one domain, evaluated
 on its own: leave-one-out, histories of up to 20 items, full ranking over every item
@@ -13,7 +14,12 @@ validation NDCG@10 with early stopping, one test pass at the best epoch.
 - ``tiger``: RQ-VAE on the item text (all-MiniLM-L6-v2 embeddings, 3 x 256 codes + the
   dedup token) -> T5 -> trie-constrained beam search.
 
-Profiles (``megarec.train_rec.PROFILES``): ``paper`` (the papers' sizes: T5 6+6 layers,
+- ``utgrec``: UTGRec's transfer pipeline (docs/README_utgrec.md): tokenizer and T5 pre-trained
+  on the ``--pretrain`` domains (the dataset itself is left out of them), both fine-tuned on the
+  dataset; ``utgrec-nopt`` (an alias, :data:`ALIASES`): the same with no pre-training (the
+  paper's "w/o PT": tokenizer trained on the dataset only, T5 from scratch).
+
+Profiles (``megarec/configs/<method>/<profile>.yaml``): ``paper`` (the papers' sizes: T5 6+6 layers,
 d_model 128; GPU), ``cpu-small`` (T5 2+2 layers, d_model 64, at most 10 epochs validated every 2;
 SASRec at most 80 epochs; RQ-VAE 300 epochs; on Scientific on a shared, loaded 2-core
 machine with one thread: SASRec 9 min, TIGER 33 min), ``quickstart`` (the embedded sample),
@@ -38,11 +44,38 @@ from megarec.cli import format_table  # noqa: E402
 
 METRICS = ("recall@5", "recall@10", "ndcg@5", "ndcg@10")
 
+# Method variants: name -> (registered method, run-config overrides applied after --pretrain / --set's).
+ALIASES: dict[str, tuple[str, list[tuple[str, str]]]] = {
+    "utgrec-nopt": ("utgrec", [("utgrec.pretrain_paths", "")]),   # no pre-training domains ("w/o PT")
+}
+
+
+def resolve_method(name: str) -> tuple[str, list[tuple[str, str]]]:
+    """``(registered method, its extra overrides)`` of a ``--methods`` entry (an alias or a method)."""
+    return ALIASES.get(name, (name, []))
+
+
+def pretrain_overrides(method: str, pretrain: list[str], target: str) -> list[tuple[str, str]]:
+    """``--pretrain`` as an override of the plug-in's ``pretrain_key`` (e.g. ``utgrec.pretrain_paths``),
+    the target itself left out; nothing for methods without pre-training domains."""
+    from megarec.methods import get_method
+
+    key = getattr(get_method(method), "pretrain_key", None)
+    if not key or not pretrain:
+        return []
+    others = [p for p in pretrain if Path(p).resolve() != Path(target).resolve()]
+    return [(key, ",".join(str(Path(p).resolve()) for p in others))]
+
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--data", nargs="+", required=True, help="dataset folders or files (one domain each)")
-    ap.add_argument("--methods", default="sasrec,tiger", help="comma-separated: sasrec, tiger")
+    ap.add_argument("--methods", default="sasrec,tiger",
+                    help="comma-separated registered methods (sasrec, tiger, etegrec, unigrec, utgrec) or aliases "
+                         f"({', '.join(ALIASES)})")
+    ap.add_argument("--pretrain", nargs="+", default=[], metavar="PATH",
+                    help="pre-training domains of methods that transfer (utgrec); each --data dataset is left "
+                         "out of its own pre-training set")
     ap.add_argument("--profile", default="cpu-small", help="paper, cpu-small, quickstart or tiny")
     ap.add_argument("--seeds", default="2024", help="comma-separated seeds; several give a mean row too")
     ap.add_argument("--out", default="runs/reproduce", help="run folders go here")
@@ -51,27 +84,48 @@ def main(argv=None) -> int:
     ap.add_argument("--cpu_threads", type=int, default=0,
                     help="torch threads on CPU (0 = all cores; 1 is faster on a machine shared with other jobs)")
     ap.add_argument("--no_progress", action="store_true")
+    ap.add_argument("--set", nargs=2, action="append", default=[], metavar=("KEY", "VALUE"),
+                    help="extra run-config override on top of the profile, e.g. --set train.epochs 30 "
+                         "(repeatable; reported in the JSON)")
+    ap.add_argument("--stage-set", nargs=3, action="append", default=[], metavar=("STAGE", "KEY", "VALUE"),
+                    help="override of a pipeline stage's setting, e.g. --stage-set tokenizer encoder DIR")
     args = ap.parse_args(argv)
 
-    from megarec.train_rec import PROFILES, run_pipeline
+    from megarec.config import ConfigError
     from megarec.data.readers import read_domain
+    from megarec.methods import method_names
+    from megarec.methods.profiles import load_profile
+    from megarec.train_rec import run_pipeline
 
     methods = [m for m in args.methods.split(",") if m]
     seeds = [int(s) for s in args.seeds.split(",") if s]
-    if args.profile not in PROFILES:
-        ap.error(f"--profile: choose from {', '.join(PROFILES)}")
+    for m in methods:
+        base = resolve_method(m)[0]
+        if base not in method_names():
+            ap.error(f"--methods: unknown method {m!r}; choose from {', '.join((*method_names(), *ALIASES))}")
+        try:
+            load_profile(base, args.profile)
+        except ConfigError as e:
+            ap.error(f"--profile: {e}")
     rows = []
+    for path in args.pretrain:
+        read_domain(path)                        # fail on bad data before training anything
     for path in args.data:
         name = read_domain(path).name           # fail on bad data before training anything
         for method in methods:
             for seed in seeds:
                 out = Path(args.out) / args.profile / name / method / f"seed{seed}"
-                over = [("train.seed", str(seed)), ("train.cpu_threads", str(args.cpu_threads))]
+                base, alias_over = resolve_method(method)
+                over = [("train.seed", str(seed)), ("train.cpu_threads", str(args.cpu_threads)),
+                        *pretrain_overrides(base, args.pretrain, path), *[(k, v) for k, v in args.set], *alias_over]
                 if args.deepspeed:
                     over.append(("train.deepspeed", args.deepspeed))
                 t0 = time.perf_counter()
-                res = run_pipeline(method, [path], out, profile=args.profile, overrides=over,
-                                   tokenizer_overrides=[("seed", str(seed))], progress=not args.no_progress)
+                stage_over: dict[str, list[tuple[str, str]]] = {}
+                for stage, k, v in args.stage_set:
+                    stage_over.setdefault(stage, []).append((k, v))
+                res = run_pipeline(base, [path], out, profile=args.profile, overrides=over,
+                                   stage_overrides=stage_over, progress=not args.no_progress)
                 row = {"method": method, "dataset": name, "seed": seed,
                        **{k: res["test"][k] for k in METRICS}, "train_s": res["train_s"],
                        "total_s": time.perf_counter() - t0, "best_epoch": res["best_epoch"],
@@ -89,7 +143,8 @@ def main(argv=None) -> int:
     print(format_table([{**r, "seed": str(r["seed"])} for r in table],
                        ["method", "dataset", "seed", *METRICS, "train_s", "total_s"]))
     if args.json:
-        Path(args.json).write_text(json.dumps({"profile": args.profile, "seeds": seeds, "platform": platform.platform(),
+        Path(args.json).write_text(json.dumps({"profile": args.profile, "overrides": args.set, "seeds": seeds,
+                                               "pretrain": args.pretrain, "platform": platform.platform(),
                                                "results": rows, "table": table}, indent=2))
     return 0
 

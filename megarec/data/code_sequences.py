@@ -14,6 +14,7 @@ work per sample.
 """
 from __future__ import annotations
 
+from collections import Counter
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -97,29 +98,63 @@ def select_codes(codes: CodesFile, item_keys: Sequence[str], source: str = "the 
     return codes.codes[np.fromiter((pos[k] for k in item_keys), dtype=np.int64, count=len(item_keys))]
 
 
-def merge_codes(files: Sequence[CodesFile]) -> CodesFile:
+def merge_codes(files: Sequence[CodesFile], names: Sequence[str] | None = None) -> CodesFile:
     """One codes file for several domains coded by the same tokenizer (keys must not repeat).
 
     Codebook sizes must agree level by level; a dedup level (TIGER's extra token)
-    takes the largest size among the files.
+    takes the largest size among the files. Files coded separately resolve
+    collisions only within themselves, so an item of one file can have the ID of
+    an item of another: that is a :class:`DataError` naming the items (tokenize
+    the domains together instead, so collisions are resolved over the merged
+    catalogue). Collisions inside one file (policy ``none``) are kept as they are.
+    ``names`` (e.g. the files' paths) only label the files in errors.
     """
     if not files:
         raise DataError("no codes files to merge")
+    names = [str(n) for n in names] if names is not None else [f"codes file {i + 1}" for i in range(len(files))]
     first = files[0]
     sizes = list(first.codebook_sizes)
-    for f in files[1:]:
+    for name, f in zip(names[1:], files[1:]):
         if f.dedup_level != first.dedup_level or len(f.codebook_sizes) != len(sizes):
-            raise DataError("codes files to merge must have the same levels (and dedup level or not)")
+            raise DataError(f"{name}: codes files to merge must have the same levels (and dedup level or not)")
         fixed = len(sizes) - (1 if first.dedup_level else 0)
         if f.codebook_sizes[:fixed] != sizes[:fixed]:
-            raise DataError(f"codebook sizes differ: {f.codebook_sizes} vs {sizes}")
+            raise DataError(f"{name}: codebook sizes differ: {f.codebook_sizes} vs {sizes}")
         if first.dedup_level:
             sizes[-1] = max(sizes[-1], f.codebook_sizes[-1])
     keys = [k for f in files for k in f.item_keys]
     if len(set(keys)) != len(keys):
-        raise DataError("an item key appears in more than one codes file")
-    return CodesFile(keys, np.concatenate([f.codes for f in files]), sizes, first.dedup_level,
-                     {"merged_from": [f.stats for f in files]})
+        dup = [k for k, n in Counter(keys).items() if n > 1]
+        raise DataError(f"{len(dup)} item keys appear in more than one codes file, e.g. {dup[:5]}")
+    codes = np.concatenate([f.codes for f in files])
+    check_no_shared_ids_across(codes, keys, np.repeat(np.arange(len(files)), [len(f.item_keys) for f in files]),
+                               names)
+    return CodesFile(keys, codes, sizes, first.dedup_level, {"merged_from": [f.stats for f in files]})
+
+
+def check_no_shared_ids_across(codes: np.ndarray, keys: Sequence[str], part: np.ndarray,
+                               names: Sequence[str]) -> None:
+    """Raise a :class:`DataError` if an ID is held by items of two parts (``part[i]`` = part index of row i)."""
+    if len(codes) == 0:
+        return
+    _, inverse = np.unique(codes, axis=0, return_inverse=True)
+    inverse = inverse.reshape(-1)
+    lo = np.full(inverse.max() + 1, len(names), dtype=np.int64)
+    hi = np.full(inverse.max() + 1, -1, dtype=np.int64)
+    np.minimum.at(lo, inverse, part)
+    np.maximum.at(hi, inverse, part)
+    mixed = lo[inverse] != hi[inverse]
+    if not mixed.any():
+        return
+    g = inverse[np.nonzero(mixed)[0][0]]
+    example = [keys[i] for i in np.nonzero(inverse == g)[0][:4]]
+    files = sorted({names[p] for p in part[mixed]})
+    raise DataError(
+        f"merging codes of separately tokenized domains would give {int(mixed.sum())} items the ID of an item "
+        f"from another codes file ({', '.join(files)}), e.g. {example} all have "
+        f"{tuple(int(c) for c in codes[np.nonzero(inverse == g)[0][0]])}; tokenize the domains together so "
+        "collisions are resolved over the merged catalogue: `megarec tokenize A B --model DIR --out FILE` "
+        "(or `megarec train-tokenizer A B --out DIR`)")
 
 
 class CodeSequenceData:

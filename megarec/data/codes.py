@@ -15,6 +15,7 @@ Format (one safetensors file, no pickle):
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
@@ -57,7 +58,22 @@ class CodesFile:
         _, inverse, counts = np.unique(self.codes, axis=0, return_inverse=True, return_counts=True)
         return float((counts[inverse.reshape(-1)] > 1).mean())
 
+    def shared_ids(self, limit: int | None = None) -> list[list[str]]:
+        """Groups of item keys that share one full ID (at most ``limit`` groups, in item order)."""
+        if len(self.codes) == 0:
+            return []
+        _, inverse, counts = np.unique(self.codes, axis=0, return_inverse=True, return_counts=True)
+        inverse = inverse.reshape(-1)
+        groups: dict[int, list[str]] = {}
+        for i in np.nonzero(counts[inverse] > 1)[0]:
+            g = int(inverse[i])
+            if g not in groups and limit is not None and len(groups) >= limit:
+                continue
+            groups.setdefault(g, []).append(self.item_keys[i])
+        return list(groups.values())
+
     def save(self, path: str | Path) -> None:
+        """Write the file; a partial write never replaces an existing file (written aside, then renamed)."""
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
         meta = {
@@ -67,7 +83,9 @@ class CodesFile:
             "dedup_level": json.dumps(bool(self.dedup_level)),
             "stats": json.dumps(self.stats),
         }
-        save_file({"codes": torch.from_numpy(np.ascontiguousarray(self.codes))}, str(path), metadata=meta)
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        save_file({"codes": torch.from_numpy(np.ascontiguousarray(self.codes))}, str(tmp), metadata=meta)
+        os.replace(tmp, path)
 
     @classmethod
     def load(cls, path: str | Path) -> "CodesFile":

@@ -12,6 +12,12 @@ from a complete checkpoint.
 Weights for users (``model.safetensors``) are gathered to rank 0 first when
 parameters are ZeRO-3 partitioned, and loaded back through
 ``GatheredParameters`` so that the same call works at every ZeRO stage.
+Under bf16 (or fp16) the module's parameters are low-precision copies; the
+exported weights are the optimizer's fp32 master weights instead
+(:func:`fp32_master`): DeepSpeed's ``safe_get_full_fp32_param`` at ZeRO 1/2/3,
+and at ZeRO 0 the master tensors of DeepSpeed's ``FP16_Optimizer`` /
+``FP16_UnfusedOptimizer`` (its bf16 path at stage 0), which
+:func:`link_fp32_masters` attaches to each parameter when the engine is built.
 """
 from __future__ import annotations
 
@@ -120,18 +126,75 @@ def _is_partitioned(p: torch.Tensor) -> bool:
     return hasattr(p, "ds_id")
 
 
-def gather_state_dict(module: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """Full fp32 CPU state dict on rank 0 (``{}`` elsewhere); collective under ZeRO-3.
+_LOW_PRECISION = (torch.bfloat16, torch.float16)
+_MASTER_ATTR = "_megarec_fp32_master"
 
-    Parameters are gathered one at a time, so peak memory is one full parameter
-    on top of each rank's partition.
+
+def link_fp32_masters(optimizer: Any) -> int:
+    """Attach to each low-precision parameter a getter of its fp32 master copy, for DeepSpeed's
+    ZeRO-0 mixed-precision optimizers (``FP16_Optimizer``: one flat fp32 tensor per group, the
+    parameters in group order; ``FP16_UnfusedOptimizer``: one fp32 tensor per parameter).
+    Other optimizers are left alone (ZeRO 1/2/3 link their own). Returns how many were linked.
+
+    Getters, not tensors: they read the optimizer's current master tensors at export time.
+    """
+    linked = 0
+    flat = getattr(optimizer, "fp32_groups_flat", None)
+    per_param = getattr(optimizer, "fp32_groups", None)
+    groups = getattr(optimizer, "fp16_groups", None)
+    if groups is None or (flat is None and per_param is None):
+        return 0
+    for i, group in enumerate(groups):
+        offset = 0
+        for j, p in enumerate(group):
+            if p.dtype in _LOW_PRECISION:
+                if flat is not None:
+                    getter = (lambda i=i, o=offset, p=p:
+                              optimizer.fp32_groups_flat[i].narrow(0, o, p.numel()).view(p.shape))
+                else:
+                    getter = (lambda i=i, j=j: optimizer.fp32_groups[i][j])
+                setattr(p, _MASTER_ATTR, getter)
+                linked += 1
+            offset += p.numel()
+    return linked
+
+
+def fp32_master(p: torch.Tensor) -> torch.Tensor | None:
+    """The full fp32 master copy of a low-precision trainable parameter, or ``None`` when ``p`` is
+    its own master (fp32 training, frozen parameters, buffers).
+
+    Collective at ZeRO 1/2/3 (DeepSpeed all-reduces the fragments): every rank must ask for
+    the same parameters in the same order.
+    """
+    if not isinstance(p, torch.nn.Parameter) or p.dtype not in _LOW_PRECISION or not p.requires_grad:
+        return None
+    getter = getattr(p, _MASTER_ATTR, None)
+    if getter is not None:
+        return getter()
+    if (_is_partitioned(p) and hasattr(p, "_z3_optimizer")) or (not _is_partitioned(p) and hasattr(p, "_hp_mapping")):
+        from deepspeed.utils import safe_get_full_fp32_param
+
+        return safe_get_full_fp32_param(p)
+    return None
+
+
+def gather_state_dict(module: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """Full fp32 CPU state dict on rank 0 (``{}`` elsewhere); collective under ZeRO.
+
+    Low-precision parameters are exported from their fp32 master copies (:func:`fp32_master`),
+    not as upcast bf16 values. Parameters are gathered one at a time, so peak memory is one
+    full parameter on top of each rank's partition.
     """
     import deepspeed
 
     out: dict[str, torch.Tensor] = {}
     main = is_main_process()
     for name, t in module.state_dict(keep_vars=True).items():
-        if _is_partitioned(t):
+        master = fp32_master(t)
+        if master is not None:
+            if main:
+                out[name] = master.detach().float().cpu().clone()
+        elif _is_partitioned(t):
             with deepspeed.zero.GatheredParameters([t], modifier_rank=None):
                 if main:
                     out[name] = t.detach().float().cpu().clone()

@@ -11,7 +11,13 @@ are written ``"auto"`` and filled here from the training config:
   bf16. On CPU training runs in fp32 (DeepSpeed's own bf16 path is not meant for
   CPU, and plain DeepSpeed does not accept ``"auto"``, so we resolve it here);
 - on the CPU accelerator without optimizer offload, Adam/AdamW get
-  ``torch_adam: true`` (DeepSpeed's FusedAdam is a GPU kernel).
+  ``torch_adam: true`` (DeepSpeed's FusedAdam is a GPU kernel);
+- ``grad_clip`` (the training config's, when given) replaces ``gradient_clipping``
+  (``0`` = off; RecBole's SASRec trains without clipping).
+
+Parameter groups (:func:`megarec.engine.param_groups.param_groups`) go to
+:func:`build_engine` as ``model_parameters``; a group's ``lr_scale`` becomes its ``lr``
+(ds config lr x scale) and the schedule multiplies every group's own base lr.
 
 The LR schedule is :class:`WarmupCosine` (linear warmup, cosine decay), given to
 DeepSpeed as its client scheduler so its state travels in DeepSpeed checkpoints.
@@ -85,6 +91,29 @@ def init_distributed() -> None:
 
     if get_accelerator().device_name() != "cpu":
         get_accelerator().set_device(int(os.environ.get("LOCAL_RANK", 0)))
+    else:
+        _unlink_shm_buffers()
+
+
+def _unlink_shm_buffers() -> None:
+    """Remove the names of DeepSpeed's CPU shared-memory all-reduce buffers once every rank has
+    mapped them.
+
+    On the CPU accelerator DeepSpeed's ``shm_initialize`` creates one 69 MB
+    ``/dev/shm/deepspeed_allreduce_buffer_<uid>_<addr>_<port>_<rank>`` per rank and maps every
+    rank's buffer before ``init_distributed`` returns, but never unlinks them: each run (and each
+    killed one) leaves them behind until ``/dev/shm`` fills memory (measured here: 275 files, 18 GB,
+    then the OOM killer). After a barrier every rank has its mappings, which outlive the names.
+    """
+    import torch.distributed as dist
+
+    dist.barrier()
+    name = (f"/dev/shm/deepspeed_allreduce_buffer_{os.getuid()}_{os.environ.get('MASTER_ADDR', '')}_"
+            f"{os.environ.get('MASTER_PORT', '')}_{dist.get_rank()}")
+    try:
+        os.unlink(name)
+    except OSError:
+        pass   # no shm buffer (ranks on several nodes, or the op was not built)
 
 
 def load_ds_config(source: str | Path | dict | None) -> dict[str, Any]:
@@ -111,9 +140,18 @@ def _fill(section: dict, key: str, value: Any) -> None:
 
 
 def resolve_ds_config(source: str | Path | dict | None, *, micro_batch_size: int, lr: float,
-                      weight_decay: float, accelerator: str | None = None) -> dict[str, Any]:
-    """A ds config with every ``"auto"`` filled (see the module docstring)."""
+                      weight_decay: float, accelerator: str | None = None,
+                      grad_clip: float | None = None) -> dict[str, Any]:
+    """A ds config with every ``"auto"`` filled (see the module docstring).
+
+    ``grad_clip``: ``None`` keeps the file's ``gradient_clipping``; a number replaces it
+    (``0`` = no clipping, DeepSpeed's own meaning of 0).
+    """
     cfg = load_ds_config(source)
+    if grad_clip is not None:
+        if grad_clip < 0:
+            raise ConfigError(f"grad_clip must be >= 0 (0 = off), got {grad_clip}")
+        cfg["gradient_clipping"] = float(grad_clip)
     acc = accelerator or accelerator_name()
     _fill(cfg, "train_micro_batch_size_per_gpu", int(micro_batch_size))
     _fill(cfg, "gradient_accumulation_steps", 1)
@@ -176,8 +214,27 @@ def zero_stage(ds_config: dict) -> int:
     return int(ds_config.get("zero_optimization", {}).get("stage", 0))
 
 
-def build_engine(model: torch.nn.Module, ds_config: dict[str, Any], schedule: WarmupCosine | None = None):
+def gate_factor(name: str, gates: dict[str, float]) -> float:
+    """The product of the gates whose key is ``name`` or a prefix of it (1 when none)."""
+    factor = 1.0
+    for key, value in gates.items():
+        if name.startswith(key):
+            factor *= float(value)
+    return factor
+
+
+def build_engine(model: torch.nn.Module, ds_config: dict[str, Any], schedule: WarmupCosine | None = None,
+                 model_parameters: list[dict[str, Any]] | None = None, gates: dict[str, float] | None = None):
     """``deepspeed.initialize`` with the optimizer of a resolved ds config and ``schedule``.
+
+    ``model_parameters``: optimizer groups (:func:`megarec.engine.param_groups.param_groups`);
+    ``None`` = one group of every trainable parameter (the ds config's weight decay on all).
+    A group's ``lr_scale`` sets its ``lr`` to ds config lr x scale (an explicit ``lr`` wins).
+    Our schedule is a ``LambdaLR``, which multiplies each group's own base lr, so the ratios
+    between groups hold at every step. A ds config with its own ``scheduler`` must be
+    ``WarmupCosineLR`` when the groups' lrs differ (DeepSpeed's WarmupLR / WarmupDecayLR /
+    OneCycle set one lr for every group). ``gates``: live LR multipliers by group name or
+    name prefix (:func:`gate_factor`), read at every step.
 
     Returns the engine (``engine.module`` is the model; ``engine.optimizer`` and
     ``engine.lr_scheduler`` are DeepSpeed's / ours).
@@ -185,12 +242,64 @@ def build_engine(model: torch.nn.Module, ds_config: dict[str, Any], schedule: Wa
     import deepspeed
 
     init_distributed()
-    params = [p for p in model.parameters() if p.requires_grad]
+    if model_parameters is None:
+        params: list = [p for p in model.parameters() if p.requires_grad]
+    else:
+        params = _resolve_group_lrs(model_parameters, ds_config)
     use_ours = schedule is not None and "scheduler" not in ds_config
     engine, _, _, _ = deepspeed.initialize(
         model=model, model_parameters=params, config=ds_config, dist_init_required=False,
-        lr_scheduler=(lambda optimizer: torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)) if use_ours else None)
+        lr_scheduler=_gated_scheduler(schedule, gates if gates is not None else {}) if use_ours else None)
+    from megarec.engine.checkpoint import link_fp32_masters
+
+    link_fp32_masters(engine.optimizer)   # bf16 at ZeRO 0: export the fp32 masters, not bf16 copies
     return engine
+
+
+def _gated_scheduler(schedule: WarmupCosine, gates: dict[str, float]):
+    """A ``LambdaLR`` whose factor for each group is ``schedule(step) x gate_factor(group name)``.
+
+    ``gates`` is shared with the method, which may change it between steps (joint methods
+    freeze the tokenizer or the recommender for whole epochs with a gate of 0: AdamW would
+    otherwise keep moving parameters whose gradient is zero through its momentum and weight
+    decay). The factors are closures, so ``LambdaLR.state_dict`` does not save them and a
+    resumed run keeps the live ``gates`` (the method derives them from the epoch again).
+    """
+    def make(optimizer):
+        names = [g.get("name", f"group{i}") for i, g in enumerate(optimizer.param_groups)]
+        return torch.optim.lr_scheduler.LambdaLR(
+            optimizer, [lambda step, n=n: schedule(step) * gate_factor(n, gates) for n in names])
+    return make
+
+
+def _resolve_group_lrs(groups: list[dict[str, Any]], ds_config: dict[str, Any]) -> list[dict[str, Any]]:
+    """Copies of ``groups`` with ``lr`` = ds config lr x ``lr_scale`` where no ``lr`` is given."""
+    base = (ds_config.get("optimizer") or {}).get("params", {}).get("lr")
+    out = []
+    for g in groups:
+        g = dict(g)
+        scale = g.get("lr_scale", 1.0)
+        if "lr" not in g and scale != 1.0:
+            if not isinstance(base, (int, float)):
+                raise ConfigError("parameter groups with lr_scale need a numeric optimizer.params.lr in the "
+                                  "DeepSpeed config")
+            g["lr"] = float(base) * float(scale)
+        out.append(g)
+    lrs = {g.get("lr", base) for g in out}
+    sched = (ds_config.get("scheduler") or {}).get("type")
+    if len(lrs) > 1 and sched is not None and sched != "WarmupCosineLR":
+        raise ConfigError(f"DeepSpeed scheduler {sched} gives every parameter group the same lr; the groups' "
+                          f"lrs differ ({sorted(lrs)}): drop the ds config's scheduler or use WarmupCosineLR")
+    return out
+
+
+def refresh_lr(engine) -> None:
+    """Re-apply our ``LambdaLR`` factors for the current step now (after a change of the gates:
+    ``LambdaLR`` sets the lr of a step at the end of the step before, with the old gates)."""
+    sched = getattr(engine, "lr_scheduler", None)
+    if isinstance(sched, torch.optim.lr_scheduler.LambdaLR):
+        for group, base, fn in zip(sched.optimizer.param_groups, sched.base_lrs, sched.lr_lambdas):
+            group["lr"] = base * fn(sched.last_epoch)
 
 
 def current_lr(engine) -> float:

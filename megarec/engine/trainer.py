@@ -26,8 +26,9 @@ from tqdm import tqdm
 from megarec.distributed import barrier, get_logger, get_rank, get_world_size, is_main_process
 from megarec.engine.checkpoint import (MODEL_FILE, export_safetensors, load_checkpoint, load_state_dict_into,
                                        read_weights, save_checkpoint, write_json)
-from megarec.engine.deepspeed_setup import current_lr
-from megarec.engine.sampler import epoch_batches
+from megarec.engine import preemption
+from megarec.engine.deepspeed_setup import current_lr, refresh_lr
+from megarec.engine.sampler import epoch_batches, grouped_epoch_batches
 from megarec.engine.tb import TBLogger, memory_gb
 
 # Test hook: after this global step (and its checkpoint, if one is due) every rank blocks and
@@ -45,7 +46,18 @@ class TrainTask:
       backpropagated, every entry is logged as ``loss/<name>``;
     - ``evaluate(module, split)`` -> metrics (``split`` is ``"valid"`` or ``"test"``);
       a collective: every rank calls it;
-    - ``export_metadata``: strings stored in the exported safetensors header.
+    - ``export_metadata``: strings stored in the exported safetensors header;
+    - ``lengths``: per-sample lengths; when given (and ``LoopConfig.group_by_length``)
+      training batches are grouped by length (:func:`~megarec.engine.sampler.grouped_epoch_batches`);
+    - ``on_epoch_start(epoch)`` / ``on_epoch_end(epoch)``: schedule hooks (alternating
+      optimisation, regenerating codes), called on every rank (collectives allowed);
+      ``on_epoch_end`` runs after the epoch's last step, before validation. A resumed
+      run calls ``on_epoch_start`` of the epoch it resumes in again: derive hook state
+      from the epoch number and the weights;
+    - ``lr_gates``: live learning-rate multipliers by optimiser-group name (see
+      :func:`~megarec.engine.deepspeed_setup.gate_factor`; keys are group names or prefixes such as
+      ``"tokenizer."``); a hook sets a group's
+      gate to 0 to freeze it.
     """
 
     num_samples: int
@@ -53,6 +65,10 @@ class TrainTask:
     loss: Callable[[Any, Any], dict[str, torch.Tensor]]
     evaluate: Callable[[torch.nn.Module, str], dict[str, float]]
     export_metadata: dict[str, str] = field(default_factory=dict)
+    lengths: np.ndarray | None = None
+    on_epoch_start: Callable[[int], None] | None = None
+    on_epoch_end: Callable[[int], None] | None = None
+    lr_gates: dict[str, float] = field(default_factory=dict)
 
 
 @dataclass
@@ -67,6 +83,9 @@ class LoopConfig:
     save_every_steps: int = 0     # 0 = only at epoch ends
     keep_checkpoints: int = 2
     progress: bool = True
+    group_by_length: bool = True  # when the task gives sample lengths
+    group_window: int = 50        # global batches per length-sorted window
+    cpu_bf16: bool = False        # bf16 autocast of the training forward on CPU ranks
 
 
 class EarlyStopping:
@@ -113,7 +132,7 @@ class Trainer:
         self.log = get_logger("megarec.train")
         self.state: dict[str, Any] = {"epoch": 0, "batch": 0, "global_step": 0, "done": False,
                                       "train_s": 0.0, "history": [], "early": self.early.state_dict(),
-                                      "exported": False}
+                                      "exported": False, "window": _empty_window()}
         self._resumed_from: int | None = None
 
     # ------------------------------------------------------------------ state
@@ -123,12 +142,19 @@ class Trainer:
         if loaded is None:
             self.log.info("no checkpoint in %s: starting from scratch", self.ckpt_dir)
             return False
+        loaded.setdefault("window", _empty_window())
         self.state = loaded
         self.early.load_state_dict(loaded["early"])
         self._resumed_from = int(loaded["global_step"])
         self.log.info("resumed at epoch %d, batch %d, step %d", loaded["epoch"], loaded["batch"],
                       loaded["global_step"])
         return True
+
+    def _epoch_batches(self, epoch: int, rank: int, world: int) -> list[np.ndarray]:
+        cfg, lengths = self.cfg, self.task.lengths
+        if lengths is not None and cfg.group_by_length:
+            return grouped_epoch_batches(lengths, cfg.batch_size, epoch, cfg.seed, rank, world, cfg.group_window)
+        return epoch_batches(self.task.num_samples, cfg.batch_size, epoch, cfg.seed, rank, world)
 
     def _save(self) -> None:
         self.state["early"] = self.early.state_dict()
@@ -139,19 +165,25 @@ class Trainer:
         cfg, engine, st = self.cfg, self.engine, self.state
         tb = TBLogger(self.run_dir / "tb", purge_step=st["global_step"] + 1 if self._resumed_from is not None else None)
         hang_at = int(os.environ.get(HANG_ENV, "0") or 0)
+        autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=cfg.cpu_bf16 and engine.device.type == "cpu")
         rank, world = get_rank(), get_world_size()
         try:
             while st["epoch"] < cfg.epochs and not st["done"]:
                 epoch = st["epoch"]
-                batches = epoch_batches(self.task.num_samples, cfg.batch_size, epoch, cfg.seed, rank, world)
+                batches = self._epoch_batches(epoch, rank, world)
                 engine.train()
-                sums: dict[str, torch.Tensor] = {}
-                steps = samples = 0
+                if self.task.on_epoch_start is not None:
+                    self.task.on_epoch_start(epoch)
+                    refresh_lr(engine)          # the hook may have changed lr_gates
+                # The logging window survives checkpoints, so that windows after a resume
+                # average the same steps as in an uninterrupted run.
+                sums, steps, samples = _restore_window(st["window"], engine.device)
                 t_window = time.perf_counter()
                 bar = tqdm(total=len(batches), initial=st["batch"], desc=f"epoch {epoch}", leave=False,
                            disable=not (cfg.progress and is_main_process()))
                 for b in range(st["batch"], len(batches)):
-                    out = self.task.loss(engine, self.task.batch(batches[b]))
+                    with autocast:
+                        out = self.task.loss(engine, self.task.batch(batches[b]))
                     engine.backward(out["loss"])
                     engine.step()
                     for k, v in out.items():
@@ -164,19 +196,30 @@ class Trainer:
                     if cfg.log_every and st["global_step"] % cfg.log_every == 0:
                         t_window = self._log_train(tb, sums, steps, samples, t_window, bar)
                         sums, steps, samples = {}, 0, 0
+                        st["window"] = _empty_window()
                     if cfg.save_every_steps and st["global_step"] % cfg.save_every_steps == 0 \
                             and b + 1 < len(batches):
                         _synchronize()
-                        st["train_s"] += time.perf_counter() - t_window
+                        dt = time.perf_counter() - t_window
+                        st["train_s"] += dt
+                        st["window"] = _window_state(sums, steps, samples, st["window"]["seconds"] + dt)
                         self._save()
                         t_window = time.perf_counter()
                     if hang_at and st["global_step"] == hang_at:
                         self._hang(tb)
+                    if preemption.should_stop(st["global_step"]):   # collective; False unless a guard is installed
+                        dt = time.perf_counter() - t_window
+                        st["train_s"] += dt
+                        st["window"] = _window_state(sums, steps, samples, st["window"]["seconds"] + dt)
+                        self._preempt()
                 bar.close()
                 if steps:
                     self._log_train(tb, sums, steps, samples, t_window, None)
                 else:
                     st["train_s"] += time.perf_counter() - t_window
+                st["window"] = _empty_window()
+                if self.task.on_epoch_end is not None:
+                    self.task.on_epoch_end(epoch)
                 st["epoch"], st["batch"] = epoch + 1, 0
                 if (epoch + 1) % cfg.eval_every == 0 or epoch + 1 == cfg.epochs:
                     self._validate(tb, epoch)
@@ -186,13 +229,23 @@ class Trainer:
             tb.close()
 
     def _hang(self, tb: TBLogger) -> None:
-        """Test hook (``MEGAREC_TEST_HANG_AFTER_STEP``): flush logs, say so, wait to be killed."""
+        """Test hook (``MEGAREC_TEST_HANG_AFTER_STEP``): flush logs, say so, wait to be killed (or, under a
+        preemption guard, for the preemption signal: the loop then checkpoints this step and exits)."""
         tb.flush()
         barrier()
         if is_main_process():
             (self.run_dir / f"hanging_at_step{self.state['global_step']}").touch()
-        while True:
-            time.sleep(1)
+        while not preemption.received():
+            time.sleep(0.2)
+
+    def _preempt(self) -> None:
+        """A preemption signal reached some rank (:mod:`.preemption`): checkpoint this step on every
+        rank, then raise :class:`~.preemption.Preempted` (exit code 75; the launcher requeues)."""
+        self._save()
+        step = self.state["global_step"]
+        self.log.warning("preemption signal: checkpoint at step %d saved in %s, exiting %d", step, self.ckpt_dir,
+                         preemption.EXIT_CODE)
+        raise preemption.preempted(step)
 
     def _log_train(self, tb: TBLogger, sums: dict[str, torch.Tensor], steps: int, samples: int, t_window: float,
                    bar) -> float:
@@ -202,6 +255,7 @@ class Trainer:
         now = time.perf_counter()
         dt = now - t_window
         self.state["train_s"] += dt
+        dt += self.state["window"]["seconds"]   # time of this window spent before a checkpoint
         step = self.state["global_step"]
         tb.scalars(means, step, prefix="loss/")
         tb.scalars({"samples_per_s": samples / max(dt, 1e-9), "memory_gb": memory_gb()}, step, prefix="perf/")
@@ -248,6 +302,20 @@ class Trainer:
         write_json(self.run_dir / "metrics.json", result)
         barrier()
         return result
+
+
+def _empty_window() -> dict[str, Any]:
+    return {"sums": {}, "steps": 0, "samples": 0, "seconds": 0.0}
+
+
+def _window_state(sums: dict[str, torch.Tensor], steps: int, samples: int, seconds: float) -> dict[str, Any]:
+    """The open logging window as plain numbers (fp32 sums survive the round trip exactly)."""
+    return {"sums": {k: float(v) for k, v in sums.items()}, "steps": steps, "samples": samples, "seconds": seconds}
+
+
+def _restore_window(w: dict[str, Any], device) -> tuple[dict[str, torch.Tensor], int, int]:
+    sums = {k: torch.tensor(v, dtype=torch.float32, device=device) for k, v in w["sums"].items()}
+    return sums, int(w["steps"]), int(w["samples"])
 
 
 def _synchronize() -> None:

@@ -1,0 +1,39 @@
+"""Recommender methods as plug-ins (see :mod:`megarec.methods.base`).
+
+``REGISTRY`` maps a method name to ``"module:Class"``; adding a method is one line
+here, one module and its profile YAML files under ``megarec/configs/<method>/``.
+Entry points and the trainer never test a method's name.
+"""
+from __future__ import annotations
+
+import importlib
+from functools import lru_cache
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from megarec.methods.base import Method
+
+REGISTRY: dict[str, str] = {
+    "sasrec": "megarec.methods.sasrec:SASRecMethod",
+    "tiger": "megarec.methods.tiger:TigerMethod",
+    "etegrec": "megarec.methods.etegrec:ETEGRecMethod",
+    "unigrec": "megarec.methods.unigrec:UniGRecMethod",
+    "utgrec": "megarec.methods.utgrec:UTGRecMethod",
+}
+
+DEFAULT_METHOD = "tiger"   # of a run config that names none
+
+
+@lru_cache(maxsize=None)
+def get_method(name: str) -> "Method":
+    """The registered method ``name`` (a :class:`~megarec.methods.base.Method` instance)."""
+    from megarec.config import ConfigError
+
+    if name not in REGISTRY:
+        raise ConfigError(f"unknown method {name!r}; choose from {', '.join(REGISTRY)}")
+    module, cls = REGISTRY[name].split(":")
+    return getattr(importlib.import_module(module), cls)()
+
+
+def method_names() -> tuple[str, ...]:
+    return tuple(REGISTRY)

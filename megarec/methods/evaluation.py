@@ -32,7 +32,7 @@ def evaluate_domains(per_domain: Sequence, domain_names: Sequence[str],
         if len(samples) == 0:
             continue
         own = RankingMetrics(ks) if several else None
-        for eb in eval_batches(len(samples), batch_size, rank, world):
+        for eb in eval_batches(len(samples), batch_size, rank, world, getattr(samples, "lengths", None)):
             b = samples.batch(eb.indices, device)
             ranked = rank_batch(d, b)[: eb.num_real]
             targets = b["targets"][: eb.num_real]

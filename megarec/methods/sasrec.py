@@ -8,6 +8,7 @@ indices, :class:`~megarec.data.domain.MultiDomain`).
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING, Sequence
 
 import deepspeed
@@ -20,8 +21,9 @@ from megarec.data.domain import Domain, MultiDomain
 from megarec.data.splits import Samples, leave_one_out
 from megarec.engine.checkpoint import load_state_dict_into
 from megarec.engine.trainer import TrainTask
+from megarec.methods.base import Method
 from megarec.methods.evaluation import evaluate_domains
-from megarec.recommender.sasrec import SASRec, pad_histories
+from megarec.recommender.sasrec import SASRec, SASRecConfig, pad_histories
 
 if TYPE_CHECKING:
     from megarec.train_rec import TrainRecConfig
@@ -141,3 +143,26 @@ def load_recommender(cfg: "TrainRecConfig", model_state: dict[str, torch.Tensor]
     ranker = SASRecRanker(SASRec(num_items, cfg.sasrec))
     load_state_dict_into(ranker, model_state, source="the trained model")
     return SASRecRecommender(ranker, candidates, cfg.data.max_len)
+
+
+class SASRecMethod(Method):
+    """``method: sasrec`` (plug-in of :mod:`megarec.train_rec`); histories are padded to a
+    fixed length (learned positions), so batches are not grouped by length."""
+
+    name = "sasrec"
+    config_section = "sasrec"
+    config_cls = SASRecConfig
+
+    def prepare(self, cfg: "TrainRecConfig", domains: Sequence[Domain]) -> SASRecData:
+        return prepare(cfg, domains)
+
+    def build_model(self, cfg: "TrainRecConfig", data: SASRecData) -> SASRecRanker:
+        return build_model(cfg, data)
+
+    def make_task(self, cfg: "TrainRecConfig", data: SASRecData, device: torch.device,
+                  metadata: dict[str, str]) -> TrainTask:
+        return make_task(cfg, data, device, metadata)
+
+    def load_recommender(self, cfg: "TrainRecConfig", model_dir: Path, state: dict[str, torch.Tensor],
+                         multi: MultiDomain, candidates: np.ndarray) -> SASRecRecommender:
+        return load_recommender(cfg, state, multi.num_items, candidates)

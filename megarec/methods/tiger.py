@@ -10,25 +10,31 @@ as labels), :func:`~megarec.recommender.beam_search.beam_search` and
 """
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Sequence
+import shutil
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Sequence
 
 import numpy as np
 import torch
 
-from megarec.config import ConfigError
+from megarec.config import ConfigError, TokenizerConfig, load_config
 from megarec.data.code_sequences import CodeSamples, CodeSequenceData, select_codes
 from megarec.data.code_vocab import CodeVocab
 from megarec.data.codes import CodesFile
 from megarec.data.domain import Domain
 from megarec.engine.checkpoint import load_state_dict_into
 from megarec.engine.trainer import TrainTask
+from megarec.methods.base import Method
 from megarec.methods.evaluation import evaluate_domains
 from megarec.recommender.beam_search import beam_search
-from megarec.recommender.t5 import GenerativeRecommender
+from megarec.recommender.t5 import GenerativeRecommender, T5RecConfig
 from megarec.recommender.trie import ItemTrie
 
 if TYPE_CHECKING:  # the entry point's config; only its sections are read here
+    from megarec.data.domain import MultiDomain
     from megarec.train_rec import TrainRecConfig
+
+CODES_FILE = "codes.safetensors"
 
 
 def prepare(cfg: "TrainRecConfig", domains: Sequence[Domain]) -> CodeSequenceData:
@@ -82,7 +88,7 @@ def make_task(cfg: "TrainRecConfig", data: CodeSequenceData, device: torch.devic
         return evaluate(module, data, per_domain, tries, cfg.train.beam_size, cfg.train.eval_batch_size, device)
 
     return TrainTask(num_samples=len(data.train), batch=lambda idx: data.train.batch(idx, device), loss=loss,
-                     evaluate=run_eval, export_metadata=metadata)
+                     evaluate=run_eval, export_metadata=metadata, lengths=data.train.lengths)
 
 
 # --------------------------------------------------------------------------- inference
@@ -115,3 +121,60 @@ def load_recommender(cfg: "TrainRecConfig", model_state: dict[str, torch.Tensor]
     tokens = vocab.item_tokens(select_codes(codes, item_keys))
     return TigerRecommender(model, candidates, tokens, cfg.data.max_len, cfg.train.beam_size)
 
+
+
+def tiger_codes(domains: Sequence[Domain], out_dir: Path, settings: Sequence[tuple[str, Any]], seed: int,
+                progress: bool = True) -> tuple[Path, dict[str, Any]]:
+    """TIGER's item tokenization: one RQ-VAE on the item text of every domain, one codes
+    file with collisions resolved over the merged catalogue (``megarec train-tokenizer A B``).
+
+    ``settings`` are TokenizerConfig keys (the profile's ``stages.tokenizer``, then the
+    caller's); the tokenizer seed defaults to the run's. The codes file in
+    ``out_dir/tokenizer`` is reused only when it was made with the same settings.
+    """
+    from megarec.tokenizer.commands import codes_for
+
+    for d in domains:
+        d.require_text("tiger")
+    cfg = load_config(TokenizerConfig, None, [("seed", str(seed))] + [(k, _as_arg(v)) for k, v in settings])
+    return codes_for(list(domains), cfg, out_dir / "tokenizer", progress=progress)
+
+
+def _as_arg(v: Any) -> str:
+    """A profile value as a command-line string (lists as ``a,b,c``)."""
+    return ",".join(map(str, v)) if isinstance(v, (list, tuple)) else str(v)
+
+
+class TigerMethod(Method):
+    """``method: tiger`` (plug-in of :mod:`megarec.train_rec`)."""
+
+    name = "tiger"
+    config_section = "tiger"
+    config_cls = T5RecConfig
+    generative = True
+    model_files = (CODES_FILE,)
+
+    def prepare_inputs(self, cfg: "TrainRecConfig", domains: Sequence[Domain], out_dir: Path,
+                       stages: dict[str, Any], progress: bool = True) -> dict[str, Any]:
+        if cfg.data.codes:       # given by the user: nothing to run
+            return {}
+        path, stats = tiger_codes(domains, out_dir, stages.get("tokenizer", []), cfg.train.seed, progress)
+        cfg.data.codes = str(path.resolve())
+        return {"tokenizer": stats}
+
+    def prepare(self, cfg: "TrainRecConfig", domains: Sequence[Domain]) -> CodeSequenceData:
+        return prepare(cfg, domains)
+
+    def build_model(self, cfg: "TrainRecConfig", data: CodeSequenceData) -> GenerativeRecommender:
+        return build_model(cfg, data)
+
+    def make_task(self, cfg: "TrainRecConfig", data: CodeSequenceData, device: torch.device,
+                  metadata: dict[str, str]) -> TrainTask:
+        return make_task(cfg, data, device, metadata)
+
+    def write_model_files(self, cfg: "TrainRecConfig", model_dir: Path) -> None:
+        shutil.copyfile(cfg.data.codes, model_dir / CODES_FILE)
+
+    def load_recommender(self, cfg: "TrainRecConfig", model_dir: Path, state: dict[str, torch.Tensor],
+                         multi: "MultiDomain", candidates: np.ndarray) -> TigerRecommender:
+        return load_recommender(cfg, state, CodesFile.load(model_dir / CODES_FILE), multi.item_keys(), candidates)

@@ -5,7 +5,8 @@ level with a KV cache (cross-attention keys/values once per user, see
 :mod:`megarec.recommender.t5_decode`); at each level the only
 candidates are the children of each beam's prefix in the :class:`ItemTrie`,
 gathered from CSR tables, so every finished beam is a real item. A beam's
-score is the sum over levels of the full-vocabulary log-softmax of its tokens,
+score is the sum over levels of the full-vocabulary log-softmax of its tokens
+(in fp32 also for a bf16 model: the output projection upcasts the last hidden state and its weight),
 the same quantity that teacher forcing gives
 (:meth:`GenerativeRecommender.sequence_log_probs`) and that HF ``generate``
 with ``prefix_allowed_tokens_fn``, ``length_penalty=0`` ranks by.
@@ -91,7 +92,7 @@ def _search(stepper, trie: ItemTrie, beam_size: int, top_k: int, b: int, device,
     tokens = torch.full((b, 1), start_token, dtype=torch.long, device=device)
     for level in range(trie.num_levels):
         width = prefix.shape[1]
-        logp = stepper.step(tokens).float().log_softmax(-1)                    # [B, W, V]
+        logp = stepper.step(tokens).float().log_softmax(-1)                    # [B, W, V], fp32 (fp32 logits)
         child, tok, valid = trie.children(level, prefix)                       # [B, W, F]
         cand = torch.where(valid, scores.unsqueeze(-1) + logp.gather(-1, tok), float("-inf"))
         fanout = child.shape[-1]

@@ -3,13 +3,17 @@
 The encoder reads a user's history as flattened item codes (hard token ids or
 soft code probabilities); the decoder generates the L tokens of the next item.
 The network is HF ``T5ForConditionalGeneration`` built from a ``T5Config`` (no
-pretrained weights), with ``decoder_start_token_id = PAD``.
+pretrained weights), with ``decoder_start_token_id = PAD``. Its output projection (tied
+to the token embedding) runs in fp32 (:class:`FP32OutputProjection`), so a bf16 model's
+logits, loss and beam-search log-probabilities carry no bf16 rounding of the logits
+(bf16 keeps 8 significant bits: neighbouring logits would tie).
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 from transformers import T5Config, T5ForConditionalGeneration
 from transformers.modeling_outputs import BaseModelOutput, Seq2SeqLMOutput
@@ -37,6 +41,25 @@ class T5RecConfig:
     initializer_factor: float = field(1.0, min=0.0, help="T5 weight-init scale")
 
 
+class FP32OutputProjection(nn.Linear):
+    """A linear layer computed in fp32 whatever the dtype of its input and weight (and with
+    autocast off): logits of a bf16 model are ``fp32(hidden) @ fp32(W)^T``."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        with torch.autocast(device_type=x.device.type, enabled=False):
+            bias = None if self.bias is None else self.bias.float()
+            return F.linear(x.float(), self.weight.float(), bias)
+
+
+def _fp32_head(head: nn.Linear) -> FP32OutputProjection:
+    """The same projection (the same, possibly tied, parameter) as :class:`FP32OutputProjection`."""
+    out = FP32OutputProjection(head.in_features, head.out_features, bias=head.bias is not None, device="meta")
+    out.weight = head.weight
+    if head.bias is not None:
+        out.bias = head.bias
+    return out
+
+
 class GenerativeRecommender(nn.Module):
     """T5 seq2seq over a :class:`CodeVocab` (TIGER Sec. 3.2; soft inputs: UniGRec Eq. 15)."""
 
@@ -56,6 +79,7 @@ class GenerativeRecommender(nn.Module):
             pad_token_id=vocab.PAD, eos_token_id=vocab.EOS, decoder_start_token_id=vocab.PAD,
         )
         self.t5 = T5ForConditionalGeneration(t5cfg)
+        self.t5.lm_head = _fp32_head(self.t5.lm_head)     # still tied to the token embedding
 
     @property
     def embedding(self) -> nn.Embedding:

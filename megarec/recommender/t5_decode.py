@@ -51,7 +51,7 @@ class GroupedBeamDecoder:
         return self.self_k[0].shape[3] if self.self_k else 0
 
     def step(self, tokens: torch.Tensor) -> torch.Tensor:
-        """``tokens [B, W]`` -> next-token logits ``[B, W, V]`` (the beams' caches grow by one)."""
+        """``tokens [B, W]`` -> next-token logits ``[B, W, V]`` in fp32 (the beams' caches grow by one)."""
         b, w = tokens.shape
         h, dk, past = self.heads, self.d_kv, self.steps
         x = self.decoder.embed_tokens(tokens)                                   # [B, W, d]
@@ -81,10 +81,10 @@ class GroupedBeamDecoder:
                                                  scale=1.0)
             x = x + cross.o(out.transpose(1, 2).reshape(b, w, h * dk))
             x = block.layer[-1](x)                                               # feed-forward + residual
-        x = self.decoder.final_layer_norm(x)
+        x = self.decoder.final_layer_norm(x).float()     # fp32 from here: no bf16 ties in the logits
         if self.scale_out is not None:
             x = x * self.scale_out
-        return self.t5.lm_head(x)
+        return self.t5.lm_head(x)                         # FP32OutputProjection: fp32 logits
 
     def select(self, parent: torch.Tensor) -> None:
         """Keep beams ``parent [B, W']`` (indices into each user's current beams)."""

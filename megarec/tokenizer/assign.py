@@ -18,6 +18,7 @@ recommender. Two policies make IDs unique:
 from __future__ import annotations
 
 import math
+from collections import Counter
 from typing import Any, Protocol, Sequence
 
 import numpy as np
@@ -191,13 +192,46 @@ def duplicate_rate(x: torch.Tensor) -> float:
     return float((counts[inverse] > 1).float().mean())
 
 
+def key_domains(item_keys: Sequence[str]) -> list[str]:
+    """The domain part of each ``"<domain>/<item id>"`` key (the whole key when it has no ``/``)."""
+    return [k.split("/", 1)[0] for k in item_keys]
+
+
+def cross_domain_collision_rate(codes: np.ndarray, item_keys: Sequence[str]) -> float:
+    """Fraction of items whose full ID is also held by an item of another domain."""
+    if len(codes) == 0:
+        return 0.0
+    names, domain = np.unique(np.asarray(key_domains(item_keys)), return_inverse=True)
+    inverse, counts = _groups(codes)
+    lo = np.full(len(counts), len(names), dtype=np.int64)
+    hi = np.full(len(counts), -1, dtype=np.int64)
+    np.minimum.at(lo, inverse, domain)
+    np.maximum.at(hi, inverse, domain)
+    return float((lo[inverse] != hi[inverse]).mean())
+
+
+def check_unique_keys(item_keys: Sequence[str]) -> None:
+    """Raise a :class:`DataError` naming the keys that occur more than once."""
+    if len(set(item_keys)) != len(item_keys):
+        dup = [k for k, n in Counter(item_keys).items() if n > 1]
+        raise DataError(f"{len(dup)} item keys occur more than once, e.g. {dup[:5]}; item keys must be unique "
+                        "over the catalogue (\"<domain>/<item id>\", domain names distinct)")
+
+
 def assign_catalogue(tokenizer: Tokenizer, x: torch.Tensor, item_keys: Sequence[str], policy: str = "utgrec",
                      batch_size: int = 4096, device: str | torch.device | None = None) -> CodesFile:
-    """Codes for every item of ``x [N, in_dim]`` under a collision ``policy``, with statistics in ``stats``."""
+    """Codes for every item of ``x [N, in_dim]`` under a collision ``policy``, with statistics in ``stats``.
+
+    Collisions are resolved over the whole of ``x``: for several domains pass all their
+    items at once (keys ``"<domain>/<item id>"``) and every item gets a distinct ID;
+    ``stats["cross_domain_collision_rate_before"]`` then tells how many items shared an
+    ID with another domain's item before resolution.
+    """
     if policy not in POLICIES:
         raise ValueError(f"collision policy must be one of {POLICIES}, got {policy!r}")
     if len(item_keys) != x.shape[0]:
         raise DataError(f"{len(item_keys)} item keys for {x.shape[0]} input rows")
+    check_unique_keys(item_keys)
     codes, last = catalogue_codes(tokenizer, x, batch_size, device)
     sizes = [int(k) for k in tokenizer.codebook_sizes]
     before = collision_rate(codes)
@@ -207,6 +241,8 @@ def assign_catalogue(tokenizer: Tokenizer, x: torch.Tensor, item_keys: Sequence[
         "duplicate_input_rate": duplicate_rate(x.float().cpu()),
         "levels_before": level_stats(codes, sizes),
     }
+    if len(set(key_domains(item_keys))) > 1:
+        stats["cross_domain_collision_rate_before"] = cross_domain_collision_rate(codes, item_keys)
     if policy == "utgrec":
         codes, stats["resolution"] = resolve_collisions(codes, last, tokenizer.last_codebook())
     elif policy == "dedup":

@@ -38,24 +38,43 @@ def mean_pool(hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return (hidden * m).sum(1) / m.sum(1).clamp_min(1.0)
 
 
+def length_order(lengths: Sequence[int], sort: bool = True) -> list[int]:
+    """Indices that visit ``lengths`` shortest first (stable: ties keep input order); input order if not ``sort``."""
+    return sorted(range(len(lengths)), key=lengths.__getitem__) if sort else list(range(len(lengths)))
+
+
+def token_lengths(tokenizer, texts: Sequence[str], max_length: int) -> list[int]:
+    """Number of tokens (special tokens included, after truncation to ``max_length``) of each text."""
+    return [len(ids) for ids in tokenizer(list(texts), truncation=True, max_length=max_length)["input_ids"]]
+
+
+def padded_tokens(lengths: Sequence[int], order: Sequence[int], batch_size: int) -> int:
+    """Token positions the encoder runs on when ``order`` is cut into batches padded to their longest text."""
+    return sum(len(order[s:s + batch_size]) * max(lengths[i] for i in order[s:s + batch_size])
+               for s in range(0, len(order), batch_size))
+
+
 @torch.no_grad()
 def encode_texts(texts: Sequence[str], model_path: str | Path | None = None, batch_size: int = 64,
                  max_length: int = 256, normalize: bool = True, device: str | torch.device = "cpu",
-                 progress: bool = True) -> torch.Tensor:
+                 progress: bool = True, sort_by_length: bool = True) -> torch.Tensor:
     """Embed ``texts`` with the encoder at ``model_path`` (default: all-MiniLM-L6-v2): ``[N, hidden]`` float32.
 
     Any encoder ``AutoModel`` loads whose output has ``last_hidden_state`` (BERT, RoBERTa,
-    MiniLM, E5, ...). Texts are batched in order of length (less padding) and returned in
-    input order.
+    MiniLM, E5, ...). With ``sort_by_length`` (default) texts are batched in order of their
+    token count, so a batch pads to little more than its own length, and the result is put
+    back in input order; the embeddings equal those of unsorted batches up to float rounding.
     """
     from transformers import AutoModel, AutoTokenizer
 
     path = Path(model_path) if model_path else default_encoder_path()
     if not path.exists():
         raise DataError(f"text encoder {path} does not exist")
+    if len(texts) == 0:
+        raise DataError("no texts to encode")
     tokenizer = AutoTokenizer.from_pretrained(str(path))
     model = AutoModel.from_pretrained(str(path)).to(device).eval()
-    order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
+    order = length_order(token_lengths(tokenizer, texts, max_length), sort_by_length)
     chunks = []
     bar = tqdm(range(0, len(texts), batch_size), desc="encode item text", unit="batch",
                disable=not (progress and is_main_process()))
@@ -64,10 +83,9 @@ def encode_texts(texts: Sequence[str], model_path: str | Path | None = None, bat
                         max_length=max_length, return_tensors="pt").to(device)
         hidden = model(**enc).last_hidden_state
         chunks.append(mean_pool(hidden, enc["attention_mask"]).float().cpu())
-    if not chunks:
-        raise DataError("no texts to encode")
-    out = torch.empty_like(torch.cat(chunks))
-    out[torch.tensor(order)] = torch.cat(chunks)
+    emb = torch.cat(chunks)
+    out = torch.empty_like(emb)
+    out[torch.tensor(order)] = emb
     return torch.nn.functional.normalize(out, dim=-1) if normalize else out
 
 

@@ -4,7 +4,14 @@
 (hard: :class:`ResidualQuantizer`, soft: :class:`SoftResidualQuantizer`),
 ``z~ = Decoder(r~)`` (Eq. 7). Hard training minimises
 ``L_SQ = ||z - z~||^2 + L_RQ`` (ETEGRec Eqs. 8-10); soft pre-training minimises
-``||z - z~||^2 + lambda_CU L_CU`` (UniGRec Eq. 21, no quantisation term).
+``||z - z~||^2 / in_dim + lambda_CU L_CU`` (UniGRec Eq. 21, no quantisation term; the
+per-element MSE of the public UniGRec code, which its lambda_CU is tuned to).
+
+The soft quantiser's temperature acts on squared latent distances, so the soft RQ-VAE
+initialises its MLPs as the public UniGRec code does (xavier-normal, zero biases):
+with PyTorch's default init, unit-norm text embeddings reach a nearly constant latent
+and ``softmax(-d^2 / tau)`` is uniform over the paper's whole tau range (``rqvae.init``,
+``rqvae.recon``; the hard RQ-VAE keeps PyTorch's init and the summed error).
 
 Saved as ``model.safetensors`` (weights and buffers, no pickle) plus
 ``config.yaml`` (the :class:`~megarec.config.TokenizerConfig` it was trained with).
@@ -41,9 +48,30 @@ def mlp(widths: list[int], dropout: float = 0.0) -> nn.Sequential:
     return nn.Sequential(*layers)
 
 
-def reconstruction_loss(z: torch.Tensor, z_hat: torch.Tensor) -> torch.Tensor:
-    """ETEGRec Eq. 9: ``||z - z~||^2`` (sum over dimensions), mean over items."""
-    return ((z - z_hat) ** 2).sum(-1).mean()
+def reconstruction_loss(z: torch.Tensor, z_hat: torch.Tensor, reduction: str = "sum") -> torch.Tensor:
+    """ETEGRec Eq. 9 / UniGRec Eq. 7: ``||z - z~||^2``, mean over items.
+
+    ``reduction`` over dimensions: ``"sum"`` (the squared norm, ETEGRec Eq. 9) or ``"mean"``
+    (the per-element MSE of the public UniGRec code, the scale its loss weights are tuned to).
+    """
+    per_item = ((z - z_hat) ** 2).sum(-1)
+    if reduction == "mean":
+        return per_item.mean() / z.shape[-1]
+    if reduction != "sum":
+        raise ValueError(f"reduction must be sum or mean, got {reduction!r}")
+    return per_item.mean()
+
+
+def xavier_init_(module: nn.Module) -> None:
+    """Xavier-normal weights and zero biases for every ``nn.Linear`` in ``module`` (the public
+    UniGRec/TIGER RQ-VAE code). On unit-norm inputs it keeps the item-to-item spread of the latent
+    ~10x (squared distances ~100x) larger than PyTorch's default init, whose biases dominate a
+    nearly constant latent; the soft quantiser's temperature is on that squared-distance scale."""
+    for m in module.modules():
+        if isinstance(m, nn.Linear):
+            nn.init.xavier_normal_(m.weight)
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
 
 
 class RQVAEOutput(NamedTuple):
@@ -74,10 +102,23 @@ class RQVAE(nn.Module):
             self.quantizer = ResidualQuantizer(cfg.codebook_sizes, cfg.code_dim, cfg.beta, cfg.dead_code_steps,
                                                cfg.kmeans_iters)
         self.register_buffer("tau", torch.tensor(float(cfg.tau_max)))
+        if self.init_kind == "xavier":
+            xavier_init_(self.encoder)
+            xavier_init_(self.decoder)
 
     @property
     def soft(self) -> bool:
         return isinstance(self.quantizer, SoftResidualQuantizer)
+
+    @property
+    def init_kind(self) -> str:
+        """``rqvae.init`` resolved: ``auto`` is xavier for the soft quantiser, PyTorch's default for hard."""
+        return self.cfg.init if self.cfg.init != "auto" else ("xavier" if self.soft else "torch")
+
+    @property
+    def recon_reduction(self) -> str:
+        """``rqvae.recon`` resolved: ``auto`` is the per-element mean for soft, the sum for hard."""
+        return self.cfg.recon if self.cfg.recon != "auto" else ("mean" if self.soft else "sum")
 
     @property
     def codebook_sizes(self) -> list[int]:
@@ -95,7 +136,7 @@ class RQVAE(nn.Module):
             q = self.quantizer(r)
             uni = r.new_zeros(())
         z_hat = self.decoder(q.quantized)
-        recon = reconstruction_loss(z, z_hat)
+        recon = reconstruction_loss(z, z_hat, self.recon_reduction)
         loss = recon + q.loss + (self.cfg.uniformity_weight * uni if self.soft else 0.0)
         return RQVAEOutput(z_hat, q.codes, loss, recon, q.loss, uni, q.probs)
 

@@ -6,7 +6,8 @@ initialisation from the first shuffled batches, dead-code restarts after each
 step, the soft quantiser's temperature annealed over all steps (UniGRec
 Eq. 16). TensorBoard gets ``loss/*``, ``tau`` and, every ``eval_every``
 epochs, the catalogue's ``codebook/usage``, ``codebook/perplexity`` and
-``codebook/collision_rate``; tqdm shows progress.
+``codebook/collision_rate`` (level means, and per level ``codebook/usage_l<i>``,
+``codebook/perplexity_l<i>``); tqdm shows progress.
 """
 from __future__ import annotations
 
@@ -41,9 +42,12 @@ def catalogue_metrics(model: RQVAE, x: torch.Tensor, batch_size: int = 4096) -> 
     codes, _ = catalogue_codes(model, x, batch_size)
     model.train(was_training)
     levels = level_stats(codes, model.codebook_sizes)
-    return {"collision_rate": collision_rate(codes),
-            "usage": sum(s["usage"] for s in levels) / len(levels),
-            "perplexity": sum(s["perplexity"] for s in levels) / len(levels)}
+    out = {"collision_rate": collision_rate(codes),
+           "usage": sum(s["usage"] for s in levels) / len(levels),
+           "perplexity": sum(s["perplexity"] for s in levels) / len(levels)}
+    for i, s in enumerate(levels):
+        out[f"usage_l{i + 1}"], out[f"perplexity_l{i + 1}"] = s["usage"], s["perplexity"]
+    return out
 
 
 def train_rqvae(x: torch.Tensor, cfg: TokenizerConfig, log_dir: str | Path | None = None,

@@ -8,6 +8,11 @@ codebook is parameterised as ``C = E W`` (Eq. 4) with ``E [K, d_c]`` and
 ``W [d_c, d_c]``. The loss is L_code (Eqs. 5-7). Reconstruction applies the
 inverse prefix residual ``h^_1 = e^r W^r``, ``h^_l = h^_{l-1} + e^f_{c_l} W^f``
 (Sec. 2.3.1). Fine-tuning freezes E and trains only W (Sec. 2.4).
+
+Dead codes (not in the paper): with ``dead_code_steps > 0`` a forward in training mode
+counts, per codebook, how many steps each code went unused (counts summed over ranks);
+:meth:`TreeCodebooks.restart_dead_codes` re-seeds rows of ``E`` unused for that many steps
+so that ``e W`` equals a recent (pooled over ranks) basic representation / increment.
 """
 from __future__ import annotations
 
@@ -17,7 +22,7 @@ from typing import NamedTuple
 import torch
 from torch import nn
 
-from megarec.distributed import all_gather_with_grad, get_rank
+from megarec.distributed import all_gather_with_grad, all_reduce_sum, get_rank
 from megarec.kernels import nearest_code
 from megarec.tokenizer.kmeans import kmeans
 from megarec.tokenizer.residual import straight_through
@@ -59,7 +64,7 @@ class TreeCodebooks(nn.Module):
     """Root codebook ``E^r W^r`` for level 1 and one leaf codebook ``E^f W^f`` for levels 2..L."""
 
     def __init__(self, num_levels: int, root_size: int, leaf_size: int, dim: int, beta: float = 0.25,
-                 kmeans_iters: int = 25):
+                 kmeans_iters: int = 25, dead_code_steps: int = 0):
         super().__init__()
         if num_levels < 2:
             raise ValueError(f"tree-structured codebooks need at least 2 levels (root + leaf), got {num_levels}")
@@ -71,6 +76,10 @@ class TreeCodebooks(nn.Module):
         self.root_W = nn.Parameter(torch.eye(dim))
         self.leaf_E = nn.Parameter(torch.randn(leaf_size, dim) * dim ** -0.5)
         self.leaf_W = nn.Parameter(torch.eye(dim))
+        self.dead_code_steps = int(dead_code_steps)
+        self.register_buffer("root_unused", torch.zeros(root_size, dtype=torch.long))
+        self.register_buffer("leaf_unused", torch.zeros(leaf_size, dtype=torch.long))
+        self._recent: dict[str, torch.Tensor] = {}
 
     @property
     def codebook_sizes(self) -> list[int]:
@@ -102,9 +111,50 @@ class TreeCodebooks(nn.Module):
         inc = prefix_residual(h)
         root, leaf = self.root_codebook(), self.leaf_codebook()
         codes = self._assign(inc, root, leaf)
+        self._track(inc, codes)
         q = torch.cat([root[codes[:, :1]], leaf[codes[:, 1:]]], dim=1)
         ste = straight_through(inc, q)
         return TreeOutput(codes, inc, ste, inverse_prefix_residual(ste), code_loss(inc, q, self.beta))
+
+    def _track(self, inc: torch.Tensor, codes: torch.Tensor) -> None:
+        """Usage bookkeeping for dead-code restarts (training mode; a collective: counts summed over ranks)."""
+        if not (self.training and self.dead_code_steps > 0):
+            return
+        counts = torch.cat([torch.bincount(codes[:, 0], minlength=self.root_size),
+                            torch.bincount(codes[:, 1:].reshape(-1), minlength=self.leaf_size)])
+        all_reduce_sum(counts)
+        for name, c in (("root", counts[:self.root_size]), ("leaf", counts[self.root_size:])):
+            unused = getattr(self, f"{name}_unused")
+            unused.copy_(torch.where(c > 0, torch.zeros_like(unused), unused + 1))
+        self._recent = {"root": inc[:, 0].detach(), "leaf": inc[:, 1:].reshape(-1, self.dim).detach()}
+
+    @torch.no_grad()
+    def restart_dead_codes(self, optimizer: torch.optim.Optimizer | None = None,
+                           generator: torch.Generator | None = None) -> int:
+        """Re-seed codes unused for ``dead_code_steps`` steps; returns how many. Call on every rank after
+        ``optimizer.step()``: rank 0 draws from every rank's last batch, ``E`` rows become ``x W^+`` so that
+        ``e W = x``, written ZeRO-3 safe (moments of the rows zeroed). With ``E`` frozen (fine-tuning) nothing
+        is restarted."""
+        if self.dead_code_steps <= 0 or not self._recent or not self.root_E.requires_grad:
+            return 0
+        restarted = 0
+        for name, E, W in (("root", self.root_E, self.root_W), ("leaf", self.leaf_E, self.leaf_W)):
+            unused = getattr(self, f"{name}_unused")
+            dead = (unused >= self.dead_code_steps).nonzero().squeeze(1)
+            if len(dead) == 0:
+                continue
+            pool = all_gather_with_grad(self._recent[name].float())
+            w = full_param(W).float().to(pool.device)
+            new = torch.empty(len(dead), self.dim, device=pool.device)
+            if get_rank() == 0:
+                pick = torch.multinomial(torch.ones(pool.shape[0]), len(dead), replacement=len(dead) > pool.shape[0],
+                                         generator=generator)
+                new.copy_(pool[pick.to(pool.device)] @ torch.linalg.pinv(w))
+            broadcast_(new)
+            write_rows(E, dead, new, optimizer)
+            unused[dead] = 0
+            restarted += len(dead)
+        return restarted
 
     @torch.no_grad()
     def decode(self, codes: torch.Tensor) -> torch.Tensor:
@@ -128,6 +178,11 @@ class TreeCodebooks(nn.Module):
     def last_codebook(self) -> torch.Tensor:
         return self._full_books()[1]
 
+    def snapshot(self) -> "TreeSnapshot":
+        """Plain-tensor copy of the codebooks for code assignment on one rank (collective under ZeRO-3)."""
+        root, leaf = self._full_books()
+        return TreeSnapshot(root.float().cpu(), leaf.float().cpu(), self.num_levels)
+
     @torch.no_grad()
     def init_from_data(self, h: torch.Tensor, generator: torch.Generator | None = None) -> None:
         """k-means on the basic representations (root) and on all increments (leaf), pooled over ranks.
@@ -138,9 +193,31 @@ class TreeCodebooks(nn.Module):
         inc = prefix_residual(all_gather_with_grad(h.detach().float()))
         for E, W, data, k in ((self.root_E, self.root_W, inc[:, 0], self.root_size),
                               (self.leaf_E, self.leaf_W, inc[:, 1:].reshape(-1, self.dim), self.leaf_size)):
-            w = full_param(W)
+            w = full_param(W).float().to(data.device)   # pinv needs fp32 (bf16 under DeepSpeed)
             new = torch.empty(k, self.dim, device=data.device)
             if get_rank() == 0:
                 new.copy_(kmeans(data, k, iters=self.kmeans_iters, generator=generator) @ torch.linalg.pinv(w))
             broadcast_(new)
             write_rows(E, None, new)
+        self.root_unused.zero_()
+        self.leaf_unused.zero_()
+
+
+class TreeSnapshot:
+    """Frozen codebooks ``C^r, C^f`` with the tokenizer interface of ``assign_catalogue``
+    (``codebook_sizes``, ``last_level``, ``last_codebook``); no collectives."""
+
+    def __init__(self, root: torch.Tensor, leaf: torch.Tensor, num_levels: int) -> None:
+        self.root, self.leaf, self.num_levels = root, leaf, num_levels
+        self.codebook_sizes = [root.shape[0]] + [leaf.shape[0]] * (num_levels - 1)
+
+    @torch.no_grad()
+    def last_level(self, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        inc = prefix_residual(h.float().to(self.root.device))
+        n, L, d = inc.shape
+        c_root, _ = nearest_code(inc[:, 0], self.root)
+        c_leaf, _ = nearest_code(inc[:, 1:].reshape(-1, d), self.leaf)
+        return torch.cat([c_root[:, None], c_leaf.view(n, L - 1)], dim=1), inc[:, -1]
+
+    def last_codebook(self) -> torch.Tensor:
+        return self.leaf

@@ -1,0 +1,391 @@
+"""ETEGRec (Liu et al., SIGIR 2025) as a plug-in of ``train_rec.py``: ``method: etegrec``.
+
+An RQ-VAE tokenizer over collaborative item embeddings (SASRec's, ``megarec
+export-embeddings``) and a T5 recommender over its codes, trained together:
+
+- recommender loss L_REC (Eq. 13) on the items' current codes;
+- tokenizer loss L_SQ (Eqs. 8-10) on the batch's target items;
+- sequence-item alignment L_SIA (Eqs. 14-15) and preference-semantic alignment
+  L_PSA (Eq. 16): :mod:`megarec.methods.etegrec_model`;
+- alternating optimisation (Sec. 3.4, Eqs. 17-18): cycles of ``cycle`` epochs; the
+  first epoch of a cycle trains the tokenizer (L_IT = L_SQ + mu L_SIA + lambda L_PSA,
+  recommender frozen), the others the recommender (L_GR = L_REC + mu L_SIA +
+  lambda L_PSA, tokenizer frozen and codes fixed). After every epoch that trained the
+  tokenizer, every item's codes are regenerated (collision-free under the chosen
+  policy); tries are rebuilt from the current codes at each evaluation.
+
+Freezing a side for an epoch = its LR gate at 0 (AdamW would otherwise move it
+through momentum and weight decay), eval mode, its forward under ``torch.no_grad``
+and ``requires_grad`` off (under ZeRO-3 a parameter without a gradient would
+otherwise re-use its previous step's gradient); both sides are unfrozen at the epoch
+end, before validation exports the model. Every rank runs both sides every step,
+as ZeRO-3 requires. All schedule state derives from the epoch number and the
+weights (the codes are a buffer of the model): a resumed run continues exactly.
+
+Decoding is trie-constrained beam search over each domain's items (the public
+code decodes without constraints). Options the paper leaves open follow the public
+code and are configuration: alignment losses start after ``align_warmup_epochs``
+(10 there), ``finetune_epochs`` final epochs train the recommender alone (the
+public code does, the paper does not say; off by default). See
+``docs/README_etegrec.md`` for the paper's defaults and the ablations.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Sequence
+
+import numpy as np
+import torch
+
+from megarec.config import ConfigError, field
+from megarec.data.code_vocab import CodeVocab
+from megarec.data.codes import CodesFile
+from megarec.data.domain import DataError, Domain, MultiDomain
+from megarec.data.embeddings import load_item_embeddings
+from megarec.data.splits import leave_one_out
+from megarec.distributed import get_logger, get_world_size, is_main_process
+from megarec.engine.checkpoint import load_state_dict_into
+from megarec.engine.trainer import TrainTask
+from megarec.methods.base import Method
+# Also re-exported from here: megarec.methods.unigrec uses these helpers as ``etegrec.<name>``.
+from megarec.methods.etegrec_data import (CodeTable, HistorySamples, _as_arg, code_stats,  # noqa: F401
+                                          concat_history_samples, history_samples, item_codes, pretrain_tokenizer,
+                                          teacher_embeddings, vocab_sizes)
+from megarec.methods.etegrec_model import ETEGRecModel, ETEGRecTerms
+from megarec.methods.evaluation import evaluate_domains
+from megarec.recommender.beam_search import beam_search
+from megarec.recommender.t5 import GenerativeRecommender, T5RecConfig
+from megarec.recommender.trie import ItemTrie
+from megarec.tokenizer.rqvae import RQVAE
+
+if TYPE_CHECKING:
+    from megarec.train_rec import TrainRecConfig
+
+TOKENIZER_PREFIX = "tokenizer."
+
+
+@dataclass
+class ETEGRecConfig:
+    """``etegrec:`` section. Defaults: the paper (Sec. 4.1.4-4.1.5, Scientific: mu = 3e-4, lambda = 1e-4)."""
+    t5: T5RecConfig = field(default_factory=T5RecConfig)
+    embeddings: str = field("", help="item-embedding file, the tokenizer's input z (`megarec export-embeddings` of a "
+                                     "trained SASRec; empty = the pipeline trains the teacher)")
+    tokenizer: str = field("", help="RQ-VAE folder pre-trained on those embeddings (`megarec train-tokenizer "
+                                    "--embeddings`), the tokenizer's initial weights (empty = the pipeline trains it)")
+    collisions: str = field("dedup", choices=("dedup", "utgrec"),
+                            help="collision policy when codes are regenerated: dedup = one more level holding the "
+                                 "item's index among identical IDs (the paper, after TIGER); utgrec = move colliding "
+                                 "last codes to the nearest free code")
+    collision_codes: int = field(256, min=1, help="dedup: size of the extra level (fixed, so the vocabulary never "
+                                                  "changes; more identical IDs than this is an error)")
+    alternate: bool = field(True, help="alternating optimisation (Sec. 3.4); false = the 'w/o AT' ablation: both "
+                                       "sides trained jointly every epoch on every loss")
+    cycle: int = field(2, min=2, help="epochs per cycle C (paper: {2, 4}); the first trains the tokenizer")
+    tokenizer_lr: float = field(1e-4, min=0.0, help="tokenizer peak learning rate (paper: {5e-4, 1e-4, 5e-5}); the "
+                                                   "recommender's is train.lr (paper: {5e-3, 3e-3, 1e-3})")
+    rec_weight: float = field(1.0, min=0.0, help="weight of L_REC (Eq. 18)")
+    sq_weight: float = field(1.0, min=0.0, help="weight of L_SQ (Eq. 17)")
+    sia_weight: float = field(3e-4, min=0.0, help="mu: weight of L_SIA (Eqs. 17-18; 0 = the 'w/o SIA' ablation)")
+    psa_weight: float = field(1e-4, min=0.0, help="lambda: weight of L_PSA (Eqs. 17-18; 0 = the 'w/o PSA' ablation)")
+    sia_tau: float = field(1.0, min=1e-8, help="temperature of the code distributions of L_SIA (Eq. 6: 1)")
+    psa_tau: float = field(0.07, min=1e-8, help="InfoNCE temperature of L_PSA (Eq. 16; 0.07 in the public code)")
+    align_warmup_epochs: int = field(10, min=0, help="epochs before the alignment losses start (public code: 10)")
+    finetune_epochs: int = field(0, min=0, help="last epochs that train the recommender alone on L_REC, tokenizer "
+                                                "frozen (public code: a final stage; paper: not said)")
+    proj_hidden: list[int] = field(default_factory=list, min=1,
+                                   help="hidden widths of the two alignment MLPs (none = one linear layer)")
+    codes_batch_size: int = field(4096, min=1, help="items per batch when codes are regenerated")
+
+
+# --------------------------------------------------------------------------- schedule (Sec. 3.4)
+@dataclass(frozen=True)
+class Phase:
+    """What one epoch trains."""
+
+    name: str                 # "tokenizer" | "recommender" | "joint" | "finetune"
+    train_tokenizer: bool
+    train_recommender: bool
+    align: bool               # alignment losses on (after the warm-up)
+    regenerate: bool          # every item's codes are regenerated after the epoch
+
+
+def epoch_phase(epoch: int, s: ETEGRecConfig, epochs: int) -> Phase:
+    """The phase of ``epoch`` (0-based) of a run of ``epochs`` epochs (Sec. 3.4)."""
+    if s.finetune_epochs and epoch >= epochs - s.finetune_epochs:
+        return Phase("finetune", False, True, False, False)
+    align = epoch >= s.align_warmup_epochs
+    if not s.alternate:
+        return Phase("joint", True, True, align, True)
+    if epoch % s.cycle == 0:
+        return Phase("tokenizer", True, False, align, True)
+    return Phase("recommender", False, True, align, False)
+
+
+def loss_weights(phase: Phase, s: ETEGRecConfig) -> dict[str, float]:
+    """Weights of the terms in the epoch's objective: L_IT (Eq. 17), L_GR (Eq. 18), their sum (joint)."""
+    mu = s.sia_weight if phase.align else 0.0
+    lam = s.psa_weight if phase.align else 0.0
+    return {"rec": s.rec_weight if phase.train_recommender else 0.0,
+            "sq": s.sq_weight if phase.train_tokenizer else 0.0, "sia": mu, "psa": lam}
+
+
+def lr_gates(phase: Phase) -> dict[str, float]:
+    """LR multipliers by group name prefix: the tokenizer's groups are ``tokenizer.*``, the
+    recommender side's (T5 and the alignment MLPs) ``decay`` / ``no_decay``."""
+    rec = 1.0 if phase.train_recommender else 0.0
+    return {"decay": rec, "no_decay": rec, TOKENIZER_PREFIX: 1.0 if phase.train_tokenizer else 0.0}
+
+
+def combine(terms: ETEGRecTerms, w: dict[str, float]) -> dict[str, torch.Tensor]:
+    """The loss dict of a step: the weighted objective under ``"loss"`` and every raw term."""
+    total = w["rec"] * terms.rec + w["sq"] * terms.sq + w["sia"] * terms.sia + w["psa"] * terms.psa
+    return {"loss": total, "rec": terms.rec, "sq": terms.sq, "recon": terms.recon, "sia": terms.sia,
+            "psa": terms.psa}
+
+
+# --------------------------------------------------------------------------- data / model / task
+@dataclass
+class ETEGRecData:
+    multi: MultiDomain
+    item_keys: list[str]
+    item_emb: torch.Tensor
+    tokenizer: RQVAE
+    vocab: CodeVocab
+    table: CodeTable
+    train: HistorySamples
+    valid: list[HistorySamples]
+    test: list[HistorySamples]
+    code_stats: dict[str, Any]
+    model: ETEGRecModel | None = None     # set by build_model: the epoch hooks need it
+
+    @property
+    def domain_names(self) -> list[str]:
+        return [d.name for d in self.multi.domains]
+
+    def domain_items(self, d: int) -> np.ndarray:
+        start = self.multi.offsets[d]
+        return np.arange(start, start + self.multi.domains[d].num_items, dtype=np.int64)
+
+
+def prepare(cfg: "TrainRecConfig", domains: Sequence[Domain]) -> ETEGRecData:
+    """Embeddings, pre-trained tokenizer, initial codes, samples; every input error raised here."""
+    s: ETEGRecConfig = cfg.etegrec
+    if not s.embeddings or not s.tokenizer:
+        raise ConfigError("method etegrec needs etegrec.embeddings (a SASRec's item embeddings: `megarec "
+                          "export-embeddings`) and etegrec.tokenizer (an RQ-VAE pre-trained on them: `megarec "
+                          "train-tokenizer --embeddings`); the pipeline (`megarec quickstart --methods etegrec`, "
+                          "tools/reproduce.py) produces both when they are not given")
+    multi = MultiDomain(list(domains))
+    keys = multi.item_keys()
+    emb, _ = load_item_embeddings(s.embeddings, keys)
+    tokenizer, _, _ = RQVAE.load(s.tokenizer)
+    if tokenizer.soft:
+        raise DataError(f"{s.tokenizer}: a soft RQ-VAE; ETEGRec needs a hard one (rqvae.quantizer: hard)")
+    if tokenizer.in_dim != emb.shape[1]:
+        raise DataError(f"{s.embeddings} has {emb.shape[1]}-d embeddings but the tokenizer in {s.tokenizer} "
+                        f"expects {tokenizer.in_dim}")
+    codes, stats = item_codes(tokenizer, emb.float(), keys, s)
+    vocab = CodeVocab(vocab_sizes(tokenizer, s))
+    table = CodeTable(vocab, codes)
+    splits = [leave_one_out(d, max_len=cfg.data.max_len) for d in multi.domains]
+    n = cfg.data.max_len
+    train = concat_history_samples([history_samples(sp.train, o, n, table) for sp, o in zip(splits, multi.offsets)])
+    return ETEGRecData(multi, keys, emb.float(), tokenizer, vocab, table, train,
+                       [history_samples(sp.valid, o, n, table) for sp, o in zip(splits, multi.offsets)],
+                       [history_samples(sp.test, o, n, table) for sp, o in zip(splits, multi.offsets)], stats)
+
+
+def build_model(cfg: "TrainRecConfig", data: ETEGRecData) -> ETEGRecModel:
+    s: ETEGRecConfig = cfg.etegrec
+    tokenizer = data.tokenizer
+    tokenizer.quantizer.dead_code_steps = 0    # no restarts inside joint training (codes would jump)
+    model = ETEGRecModel(GenerativeRecommender(s.t5, data.vocab), tokenizer, data.item_emb, data.table.codes,
+                         s.proj_hidden, s.sia_tau, s.psa_tau)
+    model.train()
+    data.model = model
+    data.table.model = model
+    return model
+
+
+@torch.no_grad()
+def evaluate(model: ETEGRecModel, data: ETEGRecData, per_domain: Sequence[HistorySamples], beam_size: int,
+             batch_size: int, device: torch.device | str, ks: Sequence[int] = (5, 10)) -> dict[str, float]:
+    """Recall/NDCG@K by trie-constrained beam search over each domain's items, on the model's
+    current codes (tries rebuilt here, so regenerated or reloaded codes apply)."""
+    if beam_size < max(ks):
+        raise ConfigError(f"beam_size ({beam_size}) must be >= the largest K ({max(ks)})")
+    tokens = (model.item_codes.cpu() + data.table.offsets).numpy()
+    tries = [ItemTrie(tokens[data.domain_items(d)], vocab=data.vocab).to(device)
+             for d in range(len(data.multi.domains))]
+
+    def rank_batch(d: int, b: dict[str, torch.Tensor]) -> torch.Tensor:
+        items, _ = beam_search(model.recommender, b["input_ids"], b["attention_mask"], tries[d], beam_size)
+        offset = int(data.multi.offsets[d])
+        return torch.where(items >= 0, items + offset, items)
+
+    return evaluate_domains(per_domain, data.domain_names, rank_batch, batch_size, device, ks)
+
+
+class Schedule:
+    """The epoch hooks: phase, frozen side, LR gates, loss weights, code regeneration and its logs."""
+
+    def __init__(self, cfg: "TrainRecConfig", data: ETEGRecData, num_samples: int) -> None:
+        self.s: ETEGRecConfig = cfg.etegrec
+        self.cfg, self.data = cfg, data
+        self.epochs = cfg.train.epochs
+        self.steps_per_epoch = math.ceil(math.ceil(num_samples / get_world_size()) / cfg.train.batch_size)
+        self.gates: dict[str, float] = {}
+        self.weights: dict[str, float] = loss_weights(epoch_phase(0, self.s, self.epochs), self.s)
+        self.phase = epoch_phase(0, self.s, self.epochs)
+        self.log = get_logger("megarec.etegrec")
+        self._tb = None
+
+    @property
+    def model(self) -> ETEGRecModel:
+        assert self.data.model is not None, "build_model first"
+        return self.data.model
+
+    def on_epoch_start(self, epoch: int) -> None:
+        self.phase = epoch_phase(epoch, self.s, self.epochs)
+        self.weights = loss_weights(self.phase, self.s)
+        self.gates.clear()
+        self.gates.update(lr_gates(self.phase))
+        self.model.set_frozen(tokenizer=not self.phase.train_tokenizer, recommender=not self.phase.train_recommender)
+        # Codes regenerated at the end of the previous epoch are in the checkpoint of that epoch
+        # end; if a run stopped between the two, regenerate from the (unchanged) weights now.
+        if epoch > 0 and epoch_phase(epoch - 1, self.s, self.epochs).regenerate \
+                and int(self.model.codes_epoch) < epoch:
+            self.regenerate(epoch)
+        self.log.info("epoch %d: %s phase (alignment %s)", epoch, self.phase.name, "on" if self.phase.align else "off")
+
+    def on_epoch_end(self, epoch: int) -> None:
+        if self.phase.regenerate:
+            self.regenerate(epoch + 1)
+        # Unfreeze until the next epoch start: the export after validation takes a parameter from
+        # its fp32 master copy only when it requires grad (engine.checkpoint.fp32_master).
+        self.model.set_frozen(tokenizer=False, recommender=False)
+
+    def regenerate(self, first_epoch: int) -> dict[str, float]:
+        """New codes for every item from the current tokenizer (collective); logs ``codebook/*``."""
+        model = self.model
+        old = model.item_codes.clone()
+        new, stats = item_codes(model.tokenizer, model.item_emb.to(model.tokenizer_dtype()), self.data.item_keys,
+                                self.s)
+        model.item_codes.copy_(new.to(model.item_codes.device))
+        model.codes_epoch.fill_(first_epoch)
+        scalars = code_stats(old.cpu(), new.cpu(), self.data.vocab.codebook_sizes, stats)
+        self.log.info("codes regenerated for epoch %d: change rate %.4f, collision rate %.4f", first_epoch,
+                      scalars["change_rate"], scalars["collision_rate"])
+        self._scalars(scalars, first_epoch * self.steps_per_epoch)
+        return scalars
+
+    def _scalars(self, values: dict[str, float], step: int) -> None:
+        if not is_main_process():
+            return
+        if self._tb is None:
+            from megarec.engine.tb import TBLogger
+
+            self._tb = TBLogger(Path(self.cfg.train.run_dir) / "tb" / "codebook")
+        self._tb.scalars(values, step, prefix="codebook/")
+        self._tb.flush()
+
+    def loss(self, engine, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        terms = engine(batch["input_ids"], batch["attention_mask"], batch["labels"], batch["targets"])
+        return combine(terms, self.weights)
+
+
+def make_task(cfg: "TrainRecConfig", data: ETEGRecData, device: torch.device, metadata: dict[str, str]) -> TrainTask:
+    sched = Schedule(cfg, data, len(data.train))
+
+    def run_eval(module: ETEGRecModel, split: str) -> dict[str, float]:
+        per_domain = data.valid if split == "valid" else data.test
+        return evaluate(module, data, per_domain, cfg.train.beam_size, cfg.train.eval_batch_size, device)
+
+    task = TrainTask(num_samples=len(data.train), batch=lambda idx: data.train.batch(idx, device), loss=sched.loss,
+                     evaluate=run_eval, export_metadata=metadata, lengths=data.train.lengths,
+                     on_epoch_start=sched.on_epoch_start, on_epoch_end=sched.on_epoch_end, lr_gates=sched.gates)
+    task.schedule = sched  # type: ignore[attr-defined]   # for tests and tools
+    return task
+
+
+# --------------------------------------------------------------------------- inference
+def trained_codes(cfg: "TrainRecConfig", state: dict[str, torch.Tensor], multi: MultiDomain) -> CodesFile:
+    """The codes a trained model was selected with (its ``item_codes`` buffer) as a codes file: e.g.
+    for the paper's 'w/o ETE' ablation, a TIGER trained on ETEGRec's final codes
+    (``trained_codes(...).save(path)``, then ``megarec train-rec --method tiger --data.codes path``)."""
+    s: ETEGRecConfig = cfg.etegrec
+    if "item_codes" not in state:
+        raise DataError("the trained model has no item_codes: not an etegrec model")
+    codes = state["item_codes"].long().numpy()
+    if len(codes) != multi.num_items:
+        raise DataError(f"the model holds codes for {len(codes)} items, the data has {multi.num_items}")
+    levels = sum(1 for k in state if k.startswith("tokenizer.quantizer.codebook_"))
+    sizes = [int(state[f"tokenizer.quantizer.codebook_{i}"].shape[0]) for i in range(levels)]
+    dedup = s.collisions == "dedup"
+    return CodesFile(multi.item_keys(), codes, sizes + ([s.collision_codes] if dedup else []), dedup_level=dedup,
+                     stats={"source": "etegrec", "codes_epoch": int(state.get("codes_epoch", torch.tensor(-1)))})
+
+
+def load_recommender(cfg: "TrainRecConfig", state: dict[str, torch.Tensor], multi: MultiDomain,
+                     candidates: np.ndarray):
+    """The trained recommender and the codes it was selected with (both in ``model.safetensors``)."""
+    from megarec.methods.tiger import TigerRecommender
+
+    s: ETEGRecConfig = cfg.etegrec
+    cf = trained_codes(cfg, state, multi)
+    codes = cf.codes
+    vocab = CodeVocab(cf.codebook_sizes)
+    model = GenerativeRecommender(s.t5, vocab)
+    prefix = "recommender."
+    load_state_dict_into(model, {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)},
+                         source="the trained model")
+    return TigerRecommender(model, candidates, vocab.item_tokens(codes), cfg.data.max_len, cfg.train.beam_size)
+
+
+class ETEGRecMethod(Method):
+    """``method: etegrec`` (plug-in of :mod:`megarec.train_rec`)."""
+
+    name = "etegrec"
+    config_section = "etegrec"
+    config_cls = ETEGRecConfig
+    generative = True
+
+    def prepare_inputs(self, cfg: "TrainRecConfig", domains: Sequence[Domain], out_dir: Path,
+                       stages: dict[str, Any], progress: bool = True) -> dict[str, Any]:
+        s: ETEGRecConfig = cfg.etegrec
+        out: dict[str, Any] = {}
+        if not s.embeddings:
+            path, out["teacher"] = teacher_embeddings(cfg, out_dir / "teacher", stages.get("teacher", []), progress)
+            s.embeddings = str(path.resolve())
+        if not s.tokenizer:
+            folder, out["tokenizer"] = pretrain_tokenizer(cfg, domains, out_dir / "tokenizer",
+                                                          stages.get("tokenizer", []), progress)
+            s.tokenizer = str(folder.resolve())
+        return out
+
+    def prepare(self, cfg: "TrainRecConfig", domains: Sequence[Domain]) -> ETEGRecData:
+        return prepare(cfg, domains)
+
+    def build_model(self, cfg: "TrainRecConfig", data: ETEGRecData) -> ETEGRecModel:
+        return build_model(cfg, data)
+
+    def param_groups(self, cfg: "TrainRecConfig", model: ETEGRecModel) -> list[dict[str, Any]]:
+        """Recommender side at ``train.lr``, tokenizer at ``etegrec.tokenizer_lr`` (Sec. 4.1.5)."""
+        from megarec.engine.param_groups import param_groups
+
+        if cfg.train.lr <= 0:
+            raise ConfigError("train.lr must be > 0 for etegrec (the tokenizer's lr is a multiple of it)")
+        scale = cfg.etegrec.tokenizer_lr / cfg.train.lr
+        if scale <= 0:
+            raise ConfigError("etegrec.tokenizer_lr must be > 0")
+        return param_groups(model, cfg.train.weight_decay, {TOKENIZER_PREFIX: scale})
+
+    def make_task(self, cfg: "TrainRecConfig", data: ETEGRecData, device: torch.device,
+                  metadata: dict[str, str]) -> TrainTask:
+        return make_task(cfg, data, device, metadata)
+
+    def load_recommender(self, cfg: "TrainRecConfig", model_dir: Path, state: dict[str, torch.Tensor],
+                         multi: MultiDomain, candidates: np.ndarray):
+        return load_recommender(cfg, state, multi, candidates)

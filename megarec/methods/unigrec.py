@@ -1,0 +1,370 @@
+"""UniGRec (unified generative recommendation with soft identifiers) as a plug-in of
+``train_rec.py``: ``method: unigrec``.
+
+Two stages (Sec. 3.5, Algorithm 1):
+
+1. **Tokenizer pre-training** (the pipeline's ``tokenizer`` stage, ``megarec
+   train-tokenizer --rqvae.quantizer soft``): a soft RQ-VAE on item text embeddings,
+   ``L_Pre = L_Recon + lambda_CU L_CU`` with tau annealed linearly from tau_max to
+   tau_min (Eqs. 14, 16, 17, 21): :mod:`megarec.tokenizer.soft`, :mod:`megarec.tokenizer.train`.
+2. **Joint training** (this module, :mod:`megarec.methods.unigrec_model`): tau fixed at
+   tau_min, soft identifiers into the T5 encoder (Eq. 15), one optimiser with two
+   parameter groups (recommender at ``train.lr``, tokenizer at ``unigrec.tokenizer_lr``),
+   ``L_Joint = L_Rec + lambda_Recon L_Recon + lambda_T L_CD^T + lambda_R L_CD^R`` (Eq. 22).
+   The targets are the items' hard codes, regenerated from the tokenizer at every epoch
+   end (a buffer of the model, so a resumed run and ``megarec recommend`` read the same
+   codes); inference feeds hard codes and decodes with the trie over each domain's items.
+
+The SASRec teacher (its item embeddings) and the pre-trained tokenizer are files
+(``unigrec.teacher``, ``unigrec.tokenizer``) or, when not given, produced by the pipeline
+(:meth:`UniGRecMethod.prepare_inputs`). Differences from the public code
+(Jialei-03/UniGRec) are listed in ``docs/README_unigrec.md``.
+
+The sample/code helpers shared with ETEGRec (histories as item indices, the code table,
+code regeneration and its statistics, the teacher stage) come from
+:mod:`megarec.methods.etegrec_data`, evaluation on the current codes from
+:mod:`megarec.methods.etegrec`.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Sequence
+
+import numpy as np
+import torch
+
+from megarec.config import ConfigError, TokenizerConfig, field, load_config
+from megarec.data.code_vocab import CodeVocab
+from megarec.data.domain import DataError, Domain, MultiDomain
+from megarec.data.embeddings import load_item_embeddings
+from megarec.data.splits import leave_one_out
+from megarec.distributed import get_logger, get_world_size, is_main_process
+from megarec.engine.checkpoint import load_state_dict_into
+from megarec.engine.trainer import TrainTask
+from megarec.methods import etegrec_data as shared
+from megarec.methods.etegrec import evaluate as evaluate_on_codes
+from megarec.methods.base import Method
+from megarec.methods.unigrec_losses import joint_loss
+from megarec.methods.unigrec_model import UniGRecModel, UniGRecTerms
+from megarec.recommender.t5 import GenerativeRecommender, T5RecConfig
+from megarec.tokenizer.assign import CollisionError
+from megarec.tokenizer.rqvae import RQVAE
+
+if TYPE_CHECKING:
+    from megarec.train_rec import TrainRecConfig
+
+TOKENIZER_PREFIX = "tokenizer."
+
+
+@dataclass
+class UniGRecConfig:
+    """``unigrec:`` section. Defaults: the paper (Sec. 4.1.4); see docs/README_unigrec.md."""
+    t5: T5RecConfig = field(default_factory=T5RecConfig)
+    tokenizer: str = field("", help="soft RQ-VAE folder from stage 1 (`megarec train-tokenizer --rqvae.quantizer "
+                                    "soft`, text input); empty = the pipeline trains it")
+    teacher: str = field("", help="SASRec item-embedding file (`megarec export-embeddings`), the distillation "
+                                  "teacher; empty = the pipeline trains SASRec")
+    identifiers: str = field("soft", choices=("soft", "hard"),
+                             help="soft: probability-weighted code embeddings into the encoder (Eq. 15); hard: the "
+                                  "items' hard codes (the 'hard identifiers' ablation)")
+    tau: float = field(0.0, min=0.0, help="stage-2 temperature of Eq. 14 (0 = the tokenizer's rqvae.tau_min, as "
+                                          "the paper fixes it)")
+    tokenizer_lr: float = field(2e-7, min=0.0, help="tokenizer peak learning rate (paper: {2e-7, 2e-8}; 0 = frozen "
+                                                   "tokenizer); the T5's is train.lr (paper: {2e-3, 5e-3, 8e-3})")
+    recon_weight: float = field(0.5, min=0.0, help="lambda_Recon of Eq. 22 (paper: 0.5)")
+    cd_t_weight: float = field(0.1, min=0.0, help="lambda_T: weight of L_CD^T (Eq. 22; paper searches "
+                                                  "{0.01, 0.05, 0.1, 0.5, 1}; 0 = the 'w/o L_CD^T' ablation)")
+    cd_r_weight: float = field(0.1, min=0.0, help="lambda_R: weight of L_CD^R (Eq. 22; paper searches "
+                                                  "{0.01, 0.05, 0.1, 0.5, 1}; 0 = the 'w/o L_CD^R' ablation)")
+    cd_tau: float = field(0.07, min=1e-8, help="tau' of the InfoNCE of L_CD^R (Eq. 19; paper: 0.07)")
+    cd_t_tau: float = field(0.0, min=0.0, help="temperature of the code distributions of L_CD^T (Eq. 18; 0 = the "
+                                               "tokenizer's stage-2 tau, as the paper; the public code uses none, "
+                                               "i.e. 1)")
+    collisions: str = field("dedup", choices=("dedup", "utgrec"),
+                            help="collision policy of the regenerated codes: dedup = one more token per item "
+                                 "(the paper, after TIGER); utgrec = move colliding last codes to free codes")
+    collision_codes: int = field(256, min=1, help="dedup: size of the extra level (fixed, so the vocabulary never "
+                                                  "changes; more identical IDs than this is an error)")
+    codes_batch_size: int = field(4096, min=1, help="items per batch when codes are regenerated")
+
+
+# --------------------------------------------------------------------------- samples
+class UniGRecSamples(shared.HistorySamples):
+    """ETEGRec's history samples plus the history's item indices (the soft path embeds them)."""
+
+    def batch(self, indices: np.ndarray | Sequence[int], device: torch.device | str) -> dict[str, torch.Tensor]:
+        out = super().batch(indices, device)
+        idx = np.asarray(indices, dtype=np.int64)
+        width = int(self.counts[idx].max())
+        out["items"] = self.items.index_select(0, torch.from_numpy(idx))[:, :width].to(device)
+        out["counts"] = torch.from_numpy(self.counts[idx]).to(device)
+        return out
+
+
+def _samples(parts: Sequence[shared.HistorySamples]) -> UniGRecSamples:
+    s = shared.concat_history_samples(parts) if len(parts) > 1 else parts[0]
+    return UniGRecSamples(s.items, s.counts, s.targets, s.table)
+
+
+# --------------------------------------------------------------------------- data / model
+@dataclass
+class UniGRecData:
+    multi: MultiDomain
+    item_keys: list[str]
+    item_emb: torch.Tensor
+    teacher_emb: torch.Tensor | None
+    tokenizer: RQVAE
+    tau: float
+    vocab: CodeVocab
+    table: shared.CodeTable
+    train: UniGRecSamples
+    valid: list[UniGRecSamples]
+    test: list[UniGRecSamples]
+    code_stats: dict[str, Any]
+    model: UniGRecModel | None = None
+
+    @property
+    def domain_names(self) -> list[str]:
+        return [d.name for d in self.multi.domains]
+
+    def domain_items(self, d: int) -> np.ndarray:
+        start = self.multi.offsets[d]
+        return np.arange(start, start + self.multi.domains[d].num_items, dtype=np.int64)
+
+
+def uses_teacher(s: UniGRecConfig) -> bool:
+    return s.cd_t_weight > 0 or s.cd_r_weight > 0
+
+
+def item_codes(tokenizer: RQVAE, item_emb: torch.Tensor, item_keys: Sequence[str], s: UniGRecConfig
+               ) -> tuple[torch.Tensor, dict[str, Any]]:
+    """Every item's collision-free hard codes (argmax of Eq. 14 at the tokenizer's tau); a collective."""
+    try:
+        return shared.item_codes(tokenizer, item_emb, item_keys, s)
+    except CollisionError as e:
+        raise CollisionError(f"{e} (here: unigrec.collision_codes / unigrec.collisions)") from e
+
+
+def tokenizer_inputs(folder: str | Path, domains: Sequence[Domain]) -> tuple[RQVAE, TokenizerConfig, torch.Tensor]:
+    """The stage-1 tokenizer and its input for every item (text embeddings cached in its folder)."""
+    from megarec.tokenizer.commands import catalogue_inputs
+
+    tokenizer, tok_cfg, extra = RQVAE.load(folder)
+    if not tokenizer.soft:
+        raise DataError(f"{folder}: a hard RQ-VAE; UniGRec needs a soft one (rqvae.quantizer: soft)")
+    embeddings = extra.get("embeddings") if extra.get("input") == "embeddings" else None
+    x = catalogue_inputs(list(domains), tok_cfg, Path(folder), embeddings, "unigrec")
+    if x.shape[1] != tokenizer.in_dim:
+        raise DataError(f"item inputs have dimension {x.shape[1]} but the tokenizer in {folder} expects "
+                        f"{tokenizer.in_dim}")
+    return tokenizer, tok_cfg, x.float()
+
+
+def prepare(cfg: "TrainRecConfig", domains: Sequence[Domain]) -> UniGRecData:
+    """Tokenizer, its inputs, the teacher, initial codes, samples; every input error raised here."""
+    s: UniGRecConfig = cfg.unigrec
+    if not s.tokenizer or (uses_teacher(s) and not s.teacher):
+        raise ConfigError("method unigrec needs unigrec.tokenizer (a soft RQ-VAE: `megarec train-tokenizer "
+                          "--rqvae.quantizer soft`) and, with distillation on, unigrec.teacher (SASRec item "
+                          "embeddings: `megarec export-embeddings`); the pipeline (`megarec quickstart --methods "
+                          "unigrec`, tools/reproduce.py) produces both when they are not given")
+    multi = MultiDomain(list(domains))
+    keys = multi.item_keys()
+    tokenizer, tok_cfg, x = tokenizer_inputs(s.tokenizer, domains)
+    teacher = load_item_embeddings(s.teacher, keys)[0].float() if uses_teacher(s) else None
+    tau = s.tau if s.tau > 0 else tok_cfg.rqvae.tau_min
+    tokenizer.tau.fill_(tau)
+    codes, stats = item_codes(tokenizer, x, keys, s)
+    sizes = list(tokenizer.codebook_sizes) + ([s.collision_codes] if s.collisions == "dedup" else [])
+    vocab = CodeVocab(sizes)
+    table = shared.CodeTable(vocab, codes)
+    splits = [leave_one_out(d, max_len=cfg.data.max_len) for d in multi.domains]
+    n = cfg.data.max_len
+
+    def part(kind: str) -> list[UniGRecSamples]:
+        return [_samples([shared.history_samples(getattr(sp, kind), o, n, table)])
+                for sp, o in zip(splits, multi.offsets)]
+
+    train = _samples([shared.history_samples(sp.train, o, n, table) for sp, o in zip(splits, multi.offsets)])
+    return UniGRecData(multi, keys, x, teacher, tokenizer, tau, vocab, table, train, part("valid"), part("test"),
+                       stats)
+
+
+def build_model(cfg: "TrainRecConfig", data: UniGRecData) -> UniGRecModel:
+    s: UniGRecConfig = cfg.unigrec
+    data.tokenizer.quantizer.dead_code_steps = 0    # no restarts inside joint training (codes would jump)
+    model = UniGRecModel(GenerativeRecommender(s.t5, data.vocab), data.tokenizer, data.item_emb, data.teacher_emb,
+                         data.table.codes, data.tau, s.identifiers, cd_t=s.cd_t_weight > 0, cd_r=s.cd_r_weight > 0,
+                         cd_tau=s.cd_tau, tokenizer_frozen=s.tokenizer_lr == 0, cd_t_tau=s.cd_t_tau)
+    data.model = model
+    data.table.model = model
+    return model
+
+
+# --------------------------------------------------------------------------- schedule
+def combine(terms: UniGRecTerms, s: UniGRecConfig) -> dict[str, torch.Tensor]:
+    """The loss dict of a step: ``L_Joint`` (Eq. 22) under ``"loss"`` and every raw term."""
+    total = joint_loss(terms.rec, terms.recon, terms.cd_t, terms.cd_r, s.recon_weight, s.cd_t_weight, s.cd_r_weight)
+    return {"loss": total, "rec": terms.rec, "recon": terms.recon, "cd_t": terms.cd_t, "cd_r": terms.cd_r,
+            "uniformity": terms.uniformity}
+
+
+class Schedule:
+    """Epoch hooks: hard codes regenerated from the tokenizer after every epoch (targets, tries),
+    ``codebook/*`` scalars (per-level usage and perplexity, collision rate, change rate)."""
+
+    def __init__(self, cfg: "TrainRecConfig", data: UniGRecData, num_samples: int) -> None:
+        self.cfg, self.data, self.s = cfg, data, cfg.unigrec
+        self.steps_per_epoch = math.ceil(math.ceil(num_samples / get_world_size()) / cfg.train.batch_size)
+        self.log = get_logger("megarec.unigrec")
+        self._tb = None
+
+    @property
+    def model(self) -> UniGRecModel:
+        assert self.data.model is not None, "build_model first"
+        return self.data.model
+
+    @property
+    def regenerates(self) -> bool:
+        return not self.model.tokenizer_frozen
+
+    def on_epoch_start(self, epoch: int) -> None:
+        if epoch == 0:
+            codes = self.model.item_codes.cpu()
+            self._scalars(shared.code_stats(codes, codes, self.data.vocab.codebook_sizes, self.data.code_stats), 0)
+        # Codes of epoch e are made at the end of epoch e - 1 and saved with its checkpoint; if
+        # a run stopped between the two, they are regenerated now from the same weights.
+        elif self.regenerates and int(self.model.codes_epoch) < epoch:
+            self.regenerate(epoch)
+
+    def on_epoch_end(self, epoch: int) -> None:
+        if self.regenerates:
+            self.regenerate(epoch + 1)
+
+    def regenerate(self, first_epoch: int) -> dict[str, float]:
+        model = self.model
+        old = model.item_codes.clone()
+        new, stats = item_codes(model.tokenizer, model.item_emb, self.data.item_keys, self.s)
+        model.item_codes.copy_(new.to(model.item_codes.device))
+        model.codes_epoch.fill_(first_epoch)
+        scalars = shared.code_stats(old.cpu(), new.cpu(), self.data.vocab.codebook_sizes, stats)
+        self.log.info("codes regenerated for epoch %d: change rate %.4f, collision rate %.4f", first_epoch,
+                      scalars["change_rate"], scalars["collision_rate"])
+        self._scalars(scalars, first_epoch * self.steps_per_epoch)
+        return scalars
+
+    def _scalars(self, values: dict[str, float], step: int) -> None:
+        if not is_main_process():
+            return
+        if self._tb is None:
+            from megarec.engine.tb import TBLogger
+
+            self._tb = TBLogger(Path(self.cfg.train.run_dir) / "tb" / "codebook")
+        self._tb.scalars(values, step, prefix="codebook/")
+        self._tb.flush()
+
+    def loss(self, engine, b: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        terms = engine(b["items"], b["counts"], b["input_ids"], b["attention_mask"], b["labels"], b["targets"])
+        return combine(terms, self.s)
+
+
+def make_task(cfg: "TrainRecConfig", data: UniGRecData, device: torch.device, metadata: dict[str, str]) -> TrainTask:
+    sched = Schedule(cfg, data, len(data.train))
+
+    def run_eval(module: UniGRecModel, split: str) -> dict[str, float]:
+        per_domain = data.valid if split == "valid" else data.test
+        return evaluate_on_codes(module, data, per_domain, cfg.train.beam_size, cfg.train.eval_batch_size, device)
+
+    task = TrainTask(num_samples=len(data.train), batch=lambda idx: data.train.batch(idx, device), loss=sched.loss,
+                     evaluate=run_eval, export_metadata=metadata, lengths=data.train.lengths,
+                     on_epoch_start=sched.on_epoch_start, on_epoch_end=sched.on_epoch_end)
+    task.schedule = sched  # type: ignore[attr-defined]   # for tests and tools
+    return task
+
+
+# --------------------------------------------------------------------------- inference
+def load_recommender(cfg: "TrainRecConfig", state: dict[str, torch.Tensor], multi: MultiDomain,
+                     candidates: np.ndarray):
+    """The trained T5 and the hard codes it was selected with (both in ``model.safetensors``)."""
+    from megarec.methods.tiger import TigerRecommender
+
+    s: UniGRecConfig = cfg.unigrec
+    if "item_codes" not in state:
+        raise DataError("the trained model has no item_codes: not a unigrec model")
+    codes = state["item_codes"].long().numpy()
+    if len(codes) != multi.num_items:
+        raise DataError(f"the model holds codes for {len(codes)} items, the data has {multi.num_items}")
+    levels = sum(1 for k in state if k.startswith("tokenizer.quantizer.codebook_"))
+    sizes = [int(state[f"tokenizer.quantizer.codebook_{i}"].shape[0]) for i in range(levels)]
+    vocab = CodeVocab(sizes + ([s.collision_codes] if s.collisions == "dedup" else []))
+    model = GenerativeRecommender(s.t5, vocab)
+    prefix = "recommender."
+    load_state_dict_into(model, {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)},
+                         source="the trained model")
+    return TigerRecommender(model, candidates, vocab.item_tokens(codes), cfg.data.max_len, cfg.train.beam_size)
+
+
+# --------------------------------------------------------------------------- pipeline stages
+def pretrain_tokenizer(cfg: "TrainRecConfig", domains: Sequence[Domain], out_dir: Path,
+                       settings: Sequence[tuple[str, Any]], progress: bool = True) -> tuple[Path, dict[str, Any]]:
+    """Stage 1 (Eq. 21): a soft RQ-VAE on the item text of every domain (``megarec train-tokenizer``
+    keys in ``settings``; ``rqvae.quantizer`` is forced to soft; its codes file uses the dedup policy
+    unless told otherwise -- stage 2 makes its own codes). Reused when ``out_dir`` holds one trained
+    with the same settings."""
+    from megarec.tokenizer.commands import codes_for
+
+    for d in domains:
+        d.require_text("unigrec")
+    tok_cfg = load_config(TokenizerConfig, None, [("seed", str(cfg.train.seed)), ("collisions", "dedup")]
+                          + [(k, shared._as_arg(v)) for k, v in settings] + [("rqvae.quantizer", "soft")])
+    _, stats = codes_for(list(domains), tok_cfg, out_dir, progress=progress)
+    return out_dir, stats
+
+
+class UniGRecMethod(Method):
+    """``method: unigrec`` (plug-in of :mod:`megarec.train_rec`)."""
+
+    name = "unigrec"
+    config_section = "unigrec"
+    config_cls = UniGRecConfig
+    generative = True
+
+    def prepare_inputs(self, cfg: "TrainRecConfig", domains: Sequence[Domain], out_dir: Path,
+                       stages: dict[str, Any], progress: bool = True) -> dict[str, Any]:
+        s: UniGRecConfig = cfg.unigrec
+        out: dict[str, Any] = {}
+        if uses_teacher(s) and not s.teacher:
+            path, out["teacher"] = shared.teacher_embeddings(cfg, out_dir / "teacher", stages.get("teacher", []),
+                                                             progress)
+            s.teacher = str(path.resolve())
+        if not s.tokenizer:
+            folder, out["tokenizer"] = pretrain_tokenizer(cfg, domains, out_dir / "tokenizer",
+                                                          stages.get("tokenizer", []), progress)
+            s.tokenizer = str(folder.resolve())
+        return out
+
+    def prepare(self, cfg: "TrainRecConfig", domains: Sequence[Domain]) -> UniGRecData:
+        return prepare(cfg, domains)
+
+    def build_model(self, cfg: "TrainRecConfig", data: UniGRecData) -> UniGRecModel:
+        return build_model(cfg, data)
+
+    def param_groups(self, cfg: "TrainRecConfig", model: UniGRecModel) -> list[dict[str, Any]]:
+        """T5 and the projections at ``train.lr``, the tokenizer at ``unigrec.tokenizer_lr`` (Sec. 4.1.4);
+        a frozen tokenizer (lr 0) has no trainable parameters and no group."""
+        from megarec.engine.param_groups import param_groups
+
+        if cfg.train.lr <= 0:
+            raise ConfigError("train.lr must be > 0 for unigrec (the tokenizer's lr is a multiple of it)")
+        scales = {TOKENIZER_PREFIX: cfg.unigrec.tokenizer_lr / cfg.train.lr} if cfg.unigrec.tokenizer_lr > 0 else {}
+        return param_groups(model, cfg.train.weight_decay, scales)
+
+    def make_task(self, cfg: "TrainRecConfig", data: UniGRecData, device: torch.device,
+                  metadata: dict[str, str]) -> TrainTask:
+        return make_task(cfg, data, device, metadata)
+
+    def load_recommender(self, cfg: "TrainRecConfig", model_dir: Path, state: dict[str, torch.Tensor],
+                         multi: MultiDomain, candidates: np.ndarray):
+        return load_recommender(cfg, state, multi, candidates)

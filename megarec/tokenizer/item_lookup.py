@@ -1,0 +1,126 @@
+"""Random access to the items of a shard folder by key, for UTGRec's co-occurring positives.
+
+The shards stream items in a shuffled order; the positive ``i+`` of an anchor (Sec. 2.3.2)
+is any item, so its content is looked up here: every item's metadata (text, positives,
+domain) is read once into memory by walking the tar headers (image data is not read), and
+an image is read on demand from its recorded byte range and decoded at the model's size.
+Positives in the shards come from the training split only (``megarec build-shards``).
+"""
+from __future__ import annotations
+
+import json
+import mmap
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import torch
+from webdataset.tariterators import base_plus_ext
+
+from megarec.data.domain import DataError
+from megarec.data.images import load_image
+from megarec.data.shard_format import IMAGE_EXTS, load_manifest, unsafe_key
+from megarec.data.tar_samples import BLOCK, _ZERO, _parse_header, _pax_path
+
+
+def item_text(fields: dict, keep: Sequence[str] | None = None, sep: str = " ") -> str:
+    """An item's text: its non-empty text fields (``keep``, in order; default all) joined by ``sep``."""
+    names = list(keep) if keep else list(fields)
+    return sep.join(str(fields[f]).strip() for f in names if fields.get(f) is not None and str(fields[f]).strip())
+
+
+def _scan(path: str) -> list[tuple[str, dict[str, tuple[int, int]]]]:
+    """``[(safe key, {ext: (offset, size)})]`` of a tar shard, from its headers only."""
+    out: list[tuple[str, dict[str, tuple[int, int]]]] = []
+    with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as buf:
+        offset, end, long_name = 0, len(buf), None
+        while offset + BLOCK <= end:
+            hdr = buf[offset:offset + BLOCK]
+            if hdr == _ZERO:
+                break
+            name, size, kind = _parse_header(hdr, f"{path} @ byte {offset}")
+            start, offset = offset + BLOCK, offset + BLOCK + (size + BLOCK - 1) // BLOCK * BLOCK
+            if kind in (b"x", b"L"):
+                data = buf[start:start + size]
+                long_name = _pax_path(data) if kind == b"x" else data.split(b"\0", 1)[0].decode("utf-8")
+                continue
+            if long_name is not None:
+                name, long_name = long_name, None
+            prefix, ext = base_plus_ext(name)
+            if kind not in (b"0", b"\0", b"7") or prefix is None:
+                continue
+            if not out or out[-1][0] != prefix:
+                out.append((prefix, {}))
+            out[-1][1][ext.lower()] = (start, size)
+    return out
+
+
+class ItemLookup:
+    """Item metadata by key (in memory) and images by key (read on demand) for one shard folder."""
+
+    def __init__(self, path: str | Path, text_fields: Sequence[str] | None = None) -> None:
+        self.manifest = load_manifest(path)
+        self.text_fields = list(text_fields) if text_fields else None
+        self.keys: list[str] = []
+        self.domains: list[str] = []
+        self._texts: list[str] = []
+        self._positives: list[list[str]] = []
+        self._images: list[tuple[int, int, int] | None] = []
+        self._shards = [s["path"] for s in self.manifest["shards"]]
+        for si, shard in enumerate(self._shards):
+            with open(shard, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as buf:
+                for safe, members in _scan(shard):
+                    if "json" not in members:
+                        raise DataError(f"{shard}: sample {unsafe_key(safe)!r} has no .json member")
+                    o, n = members["json"]
+                    try:
+                        meta = json.loads(buf[o:o + n])
+                    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+                        raise DataError(f"{shard}: sample {unsafe_key(safe)!r}: broken JSON ({e})") from None
+                    self.keys.append(meta["key"])
+                    self.domains.append(meta["domain"])
+                    self._texts.append(item_text(meta.get("text") or {}, self.text_fields))
+                    self._positives.append(list(meta.get("positives") or []))
+                    img = next(((si, *members[e]) for e in IMAGE_EXTS if e in members), None)
+                    self._images.append(img)
+        self.index = {k: i for i, k in enumerate(self.keys)}
+        if len(self.index) != len(self.keys):
+            raise DataError(f"{path}: duplicate item keys in the shards")
+
+    def __len__(self) -> int:
+        return len(self.keys)
+
+    def position(self, key: str) -> int:
+        try:
+            return self.index[key]
+        except KeyError:
+            raise DataError(f"item {key!r} is not in the shards ({self.manifest.get('domains')})") from None
+
+    def text(self, i: int) -> str:
+        return self._texts[i]
+
+    def positives(self, i: int) -> list[str]:
+        return self._positives[i]
+
+    def has_image(self, i: int) -> bool:
+        return self._images[i] is not None
+
+    def image(self, i: int, size: int) -> torch.Tensor | None:
+        """The item's image as a ``(3, size, size)`` uint8 tensor, or ``None`` when it has none."""
+        loc = self._images[i]
+        if loc is None:
+            return None
+        si, o, n = loc
+        with open(self._shards[si], "rb") as f:
+            f.seek(o)
+            data = f.read(n)
+        try:
+            return load_image(data, size)
+        except Exception as e:  # PIL raises many types
+            raise DataError(f"{self._shards[si]}: image of {self.keys[i]!r} is undecodable ({e})") from None
+
+    def sample_positive(self, key: str, rng: np.random.Generator) -> int:
+        """Position of a co-occurring item of ``key`` drawn uniformly; the item itself when it has none."""
+        i = self.position(key)
+        pos = [p for p in self._positives[i] if p in self.index]
+        return self.index[pos[int(rng.integers(len(pos)))]] if pos else i

@@ -1,0 +1,67 @@
+"""UTGRec text reconstruction (Sec. 2.3.1, Eq. 8): a one-layer bidirectional transformer over
+``[H_hat, |T| mask tokens]`` that predicts every token of the item text.
+
+The mask is 100%: the decoder's input holds only the discrete content states and copies
+of one learned mask embedding (plus positions); the real text tokens never enter it, so
+the text can only come from ``H_hat``.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+class MaskedDecoderLayer(nn.Module):
+    """``[H_hat [B, L, D], n mask tokens]`` -> states of the n mask positions ``[B, n, D]`` (one bidirectional
+    pre-norm transformer layer; padded mask positions are excluded from attention by ``mask``)."""
+
+    def __init__(self, dim: int, max_tokens: int, num_levels: int, heads: int = 8, dropout: float = 0.1) -> None:
+        super().__init__()
+        if dim % heads:
+            raise ValueError(f"decoder dimension {dim} is not divisible by {heads} heads")
+        self.max_tokens = max_tokens
+        self.mask_token = nn.Parameter(torch.randn(dim) * 0.02)
+        self.pos = nn.Parameter(torch.randn(num_levels + max_tokens, dim) * 0.02)
+        self.layer = nn.TransformerEncoderLayer(dim, heads, 4 * dim, dropout=dropout, activation="gelu",
+                                                batch_first=True, norm_first=True)
+        self.norm = nn.LayerNorm(dim)
+
+    def forward(self, h_hat: torch.Tensor, n: int, mask: torch.Tensor | None = None) -> torch.Tensor:
+        if n > self.max_tokens:
+            raise ValueError(f"{n} target tokens exceed the decoder's max_tokens={self.max_tokens}")
+        B, L, D = h_hat.shape
+        x = torch.cat([h_hat, self.mask_token.to(h_hat.dtype).expand(B, n, D)], dim=1)
+        x = x + self.pos[: L + n].to(x.dtype)
+        pad = None
+        if mask is not None:
+            pad = torch.cat([torch.zeros(B, L, dtype=torch.bool, device=mask.device), ~mask.bool()], dim=1)
+        return self.norm(self.layer(x, src_key_padding_mask=pad)[:, L:])
+
+
+class MaskedTextDecoder(nn.Module):
+    """Dec^t of Eq. 8: :class:`MaskedDecoderLayer` then a linear head over the encoder tokenizer's vocabulary."""
+
+    def __init__(self, dim: int, vocab_size: int, max_tokens: int, num_levels: int, heads: int = 8,
+                 dropout: float = 0.1) -> None:
+        super().__init__()
+        self.body = MaskedDecoderLayer(dim, max_tokens, num_levels, heads, dropout)
+        self.head = nn.Linear(dim, vocab_size)
+
+    def forward(self, h_hat: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """Logits ``[B, T, V]`` for the ``T`` (padded) text positions of ``mask [B, T]``."""
+        return self.head(self.body(h_hat, mask.shape[1], mask))
+
+    def nll(self, h_hat: torch.Tensor, targets: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """:func:`text_nll` of :meth:`forward`'s logits, computing the vocabulary projection only at the real
+        (unpadded) text positions: ``[B]``."""
+        states = self.body(h_hat, mask.shape[1], mask)
+        rows, cols = mask.nonzero(as_tuple=True)
+        tok = F.cross_entropy(self.head(states[rows, cols]).float(), targets[rows, cols], reduction="none")
+        return tok.new_zeros(mask.shape[0]).index_add(0, rows, tok)
+
+
+def text_nll(logits: torch.Tensor, targets: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Per item ``-sum_{x in T} log P(x | Dec^t(H^t))`` (UTGRec Eq. 8) over the real tokens of ``mask``: ``[B]``."""
+    nll = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), reduction="none").view(targets.shape)
+    return (nll * mask).sum(1)

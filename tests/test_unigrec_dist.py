@@ -1,0 +1,100 @@
+"""``deepspeed --num_gpus 2`` on CPU (gloo) with ZeRO-3: a tiny UniGRec trains (every rank runs
+the soft tokenizer every step, codes are regenerated after every epoch), evaluates, and a second
+run SIGKILLed mid-epoch resumes from its checkpoint to exactly the state of the uninterrupted run
+(weights, codes, losses, metrics).
+"""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import time
+
+import pytest
+import torch
+
+from tests.test_train_rec import REPO
+from tests.test_train_rec_dist import _launch, _scalars, _wait
+from tests.test_unigrec import _scalars as scalars_in, make_inputs
+
+pytestmark = pytest.mark.slow
+
+EPOCHS, BATCH, SAVE_EVERY = 2, 8, 2
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    from megarec.data.readers import read_domain
+    from megarec.data.splits import leave_one_out
+    from megarec.engine.sampler import batches_per_epoch
+
+    root = tmp_path_factory.mktemp("unigrec_dist")
+    inp = make_inputs(root)
+    spe = batches_per_epoch(len(leave_one_out(read_domain(inp["domain"])).train), BATCH, 2)
+    hang_at = spe + 3                           # mid epoch 1, one step past a checkpoint
+    last_ckpt = max(s for s in range(1, hang_at + 1) if s % SAVE_EVERY == 0 or s % spe == 0)
+    z3 = json.loads((REPO / "ds_configs" / "zero3.json").read_text())
+    z3["zero_optimization"]["stage3_param_persistence_threshold"] = 0   # partition even tiny tensors
+    (root / "z3.json").write_text(json.dumps(z3))
+    common = ["--deepspeed", str(root / "z3.json"), "--profile", "tiny", "--method", "unigrec",
+              "--data.paths", str(inp["domain"]), "--unigrec.tokenizer", str(inp["tok"]),
+              "--unigrec.teacher", str(inp["teacher"]), "--train.epochs", str(EPOCHS),
+              "--train.batch_size", str(BATCH), "--train.lr", "0.01", "--train.eval_every", "1",
+              "--train.save_every_steps", str(SAVE_EVERY), "--train.log_every", "1", "--train.progress", "false",
+              "--train.keep_checkpoints", "2"]
+    full, cut = root / "full", root / "cut"
+    p_full = _launch([*common, "--train.run_dir", str(full)], root / "full.log")
+    p_cut = _launch([*common, "--train.run_dir", str(cut)], root / "cut.log",
+                    {"MEGAREC_TEST_HANG_AFTER_STEP": str(hang_at)})
+    marker = cut / f"hanging_at_step{hang_at}"
+    deadline = time.time() + 400
+    while not marker.exists():
+        assert p_cut.poll() is None, f"run ended before the kill:\n{(root / 'cut.log').read_text()[-4000:]}"
+        assert time.time() < deadline, "run never reached the hang step"
+        time.sleep(0.2)
+    os.killpg(p_cut.pid, signal.SIGKILL)
+    p_cut.wait(timeout=60)
+    latest = (cut / "checkpoints" / "latest").read_text().strip()
+    p_resume = _launch([*common, "--train.run_dir", str(cut), "--resume"], root / "resume.log", cli=True)
+    _wait(p_full, root / "full.log")
+    _wait(p_resume, root / "resume.log")
+    return {"full": full, "cut": cut, "latest_at_kill": latest, "spe": spe, "last_ckpt": last_ckpt}
+
+
+def test_zero3_two_ranks_train_evaluate_and_regenerate_codes(runs):
+    m = json.loads((runs["full"] / "metrics.json").read_text())
+    assert m["global_step"] == EPOCHS * runs["spe"] and m["epochs_run"] == EPOCHS
+    assert m["test"]["count"] == 40 and len(m["valid_history"]) == EPOCHS
+    for tag in ("loss/rec", "loss/recon", "loss/cd_t", "loss/cd_r"):
+        vals = _scalars(runs["full"], tag)
+        assert len(vals) == EPOCHS * runs["spe"] and all(v == v for v in vals.values()), tag
+    change = scalars_in(runs["full"] / "tb" / "codebook", "codebook/change_rate")
+    assert sorted(change) == [0, runs["spe"], 2 * runs["spe"]]          # initial codes, after each epoch
+
+
+def test_killed_run_resumes_to_the_same_state(runs):
+    from safetensors.torch import load_file
+
+    from megarec.engine.checkpoint import read_weights
+
+    assert runs["latest_at_kill"] == f"step{runs['last_ckpt']}" and runs["last_ckpt"] > runs["spe"]
+    full = json.loads((runs["full"] / "metrics.json").read_text())
+    cut = json.loads((runs["cut"] / "metrics.json").read_text())
+    assert cut["resumed_from_step"] == runs["last_ckpt"] and cut["global_step"] == full["global_step"]
+    for k in ("recall@5", "recall@10", "ndcg@5", "ndcg@10"):
+        assert cut["test"][k] == pytest.approx(full["test"][k], abs=1e-9), k
+    w_full = load_file(str(runs["full"] / "model" / "model.safetensors"))
+    w_cut = load_file(str(runs["cut"] / "model" / "model.safetensors"))
+    assert w_full.keys() == w_cut.keys() and torch.equal(w_full["item_codes"], w_cut["item_codes"])
+    for k in w_full:
+        torch.testing.assert_close(w_cut[k], w_full[k], rtol=1e-5, atol=1e-6, msg=k)
+    c_full, _ = read_weights(runs["full"] / "checkpoints")
+    c_cut, _ = read_weights(runs["cut"] / "checkpoints")
+    assert c_full.keys() == c_cut.keys() and "tokenizer.quantizer.codebook_0" in c_full
+    for k in c_full:
+        torch.testing.assert_close(c_cut[k], c_full[k], rtol=1e-5, atol=1e-6, msg=k)
+    for tag in ("loss/loss", "loss/rec", "loss/cd_t", "loss/cd_r"):
+        l_full, l_cut = _scalars(runs["full"], tag), _scalars(runs["cut"], tag)
+        assert sorted(l_cut) == sorted(l_full), tag
+        for s in l_full:
+            assert l_cut[s] == pytest.approx(l_full[s], rel=1e-5, abs=1e-6), (tag, s)
