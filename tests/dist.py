@@ -57,3 +57,80 @@ def run_ranks(fn: Callable, world_size: int = 2, args: tuple = (), timeout: floa
     if errors:
         raise AssertionError("\n".join(errors))
     return [results[r] for r in range(world_size)]
+
+
+# --------------------------------------------------------------------------- whole 2-rank jobs
+REPO = __import__("pathlib").Path(__file__).resolve().parents[1]
+
+
+def zero3_config(path) -> str:
+    """``ds_configs/zero3.json`` with even tiny tensors partitioned, written to ``path``."""
+    import json
+
+    z3 = json.loads((REPO / "ds_configs" / "zero3.json").read_text())
+    z3["zero_optimization"]["stage3_param_persistence_threshold"] = 0
+    path.write_text(json.dumps(z3))
+    return str(path)
+
+
+def launch(entry: str, args: list[str], log, env_extra: dict[str, str] | None = None, cli: bool = False):
+    """``deepspeed --num_gpus 2 megarec/<entry>.py ARGS`` on CPU ranks (own master port, own process
+    group); with ``cli`` the same through ``megarec train-rec --launcher deepspeed``."""
+    import shutil
+    import subprocess
+    import sys
+
+    env = dict(os.environ, DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1", MEGAREC_LOG_LEVEL="WARNING",
+               **(env_extra or {}))
+    port = ["--master_port", str(_free_port())]
+    if cli:
+        cmd = [sys.executable, "-m", "megarec.cli", "train-rec", "--launcher", "deepspeed", "--num_gpus", "2", *port,
+               *args]
+    else:
+        exe = shutil.which("deepspeed")
+        launcher = [exe] if exe else [sys.executable, "-m", "deepspeed.launcher.runner"]
+        cmd = [*launcher, "--num_gpus", "2", *port, str(REPO / "megarec" / f"{entry}.py"), *args]
+    return subprocess.Popen(cmd, stdout=log.open("w"), stderr=subprocess.STDOUT, env=env, start_new_session=True,
+                            cwd=str(REPO))
+
+
+def wait_ok(proc, log, timeout: float = 400) -> None:
+    """Wait for a launched job; fail with the end of its log if it times out or exits non-zero."""
+    import signal
+    import subprocess
+
+    try:
+        rc = proc.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        raise AssertionError(f"run timed out; log:\n{log.read_text()[-4000:]}")
+    assert rc == 0, f"exit {rc}; log:\n{log.read_text()[-4000:]}"
+
+
+def full_and_resumed_runs(root, entry: str, common: list[str], hang_at: int, resume_cli: bool = False) -> dict:
+    """The exact-resume experiment every distributed trainer test runs: an uninterrupted job
+    (``root/full``) and, side by side, the same job SIGKILLed right after step ``hang_at``
+    (the trainers' ``MEGAREC_TEST_HANG_AFTER_STEP`` hook) and resumed with ``--resume``
+    (``root/cut``). Returns the run folders, the checkpoint tag at the kill and its files."""
+    import signal
+    import time
+
+    from megarec.engine.trainer import HANG_ENV
+
+    full, cut = root / "full", root / "cut"
+    p_full = launch(entry, [*common, "--train.run_dir", str(full)], root / "full.log")
+    p_cut = launch(entry, [*common, "--train.run_dir", str(cut)], root / "cut.log", {HANG_ENV: str(hang_at)})
+    marker = cut / f"hanging_at_step{hang_at}"
+    deadline = time.time() + 400
+    while not marker.exists():
+        assert p_cut.poll() is None, f"run ended before the kill:\n{(root / 'cut.log').read_text()[-4000:]}"
+        assert time.time() < deadline, "run never reached the hang step"
+        time.sleep(0.2)
+    os.killpg(p_cut.pid, signal.SIGKILL)
+    p_cut.wait(timeout=60)
+    latest = (cut / "checkpoints" / "latest").read_text().strip()
+    killed_files = sorted(p.name for p in (cut / "checkpoints" / latest).iterdir())
+    p_resume = launch(entry, [*common, "--train.run_dir", str(cut), "--resume"], root / "resume.log", cli=resume_cli)
+    wait_ok(p_full, root / "full.log")
+    wait_ok(p_resume, root / "resume.log")
+    return {"full": full, "cut": cut, "latest_at_kill": latest, "killed_files": killed_files}

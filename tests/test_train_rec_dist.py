@@ -8,59 +8,19 @@ resumed one goes through ``megarec train-rec --launcher deepspeed``.
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import signal
-import socket
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import pytest
 import torch
 
-from tests.test_train_rec import REPO, write_codes, write_domain
+from tests.dist import full_and_resumed_runs, zero3_config
+from tests.test_train_rec import write_codes, write_domain
 
 pytestmark = pytest.mark.slow
 
 # LOG_EVERY does not divide SAVE_EVERY: the checkpoint the killed run resumes from lies inside a
 # logging window, which must average the same steps as in the uninterrupted run.
 EPOCHS, BATCH, WORLD, SAVE_EVERY, LOG_EVERY = 3, 8, 2, 3, 5
-
-
-def _port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _launcher() -> list[str]:
-    exe = shutil.which("deepspeed")
-    return [exe] if exe else [sys.executable, "-m", "deepspeed.launcher.runner"]
-
-
-def _launch(args: list[str], log: Path, env_extra: dict[str, str] | None = None, cli: bool = False) -> subprocess.Popen:
-    """``deepspeed --num_gpus 2 megarec/train_rec.py ARGS``, or the same through
-    ``megarec train-rec --launcher deepspeed`` when ``cli``."""
-    env = dict(os.environ, DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1", MEGAREC_LOG_LEVEL="WARNING",
-               **(env_extra or {}))
-    port = ["--master_port", str(_port())]
-    if cli:
-        cmd = [sys.executable, "-m", "megarec.cli", "train-rec", "--launcher", "deepspeed", "--num_gpus", "2", *port,
-               *args]
-    else:
-        cmd = [*_launcher(), "--num_gpus", "2", *port, str(REPO / "megarec" / "train_rec.py"), *args]
-    return subprocess.Popen(cmd, stdout=log.open("w"), stderr=subprocess.STDOUT, env=env, start_new_session=True)
-
-
-def _wait(proc: subprocess.Popen, log: Path, timeout: float = 400) -> None:
-    try:
-        rc = proc.wait(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        raise AssertionError(f"run timed out; log:\n{log.read_text()[-4000:]}")
-    assert rc == 0, f"exit {rc}; log:\n{log.read_text()[-4000:]}"
 
 
 @pytest.fixture(scope="module")
@@ -75,33 +35,13 @@ def runs(tmp_path_factory):
     hang_at = spe + 5                                  # mid epoch 1, a few steps past a checkpoint
     last_ckpt = max(s for s in range(1, hang_at + 1) if s % SAVE_EVERY == 0 or s % spe == 0)
     codes = write_codes(root / "codes.safetensors", [("A", 20)], [5, 4])
-    z3 = json.loads((REPO / "ds_configs" / "zero3.json").read_text())
-    z3["zero_optimization"]["stage3_param_persistence_threshold"] = 0   # partition even tiny tensors
-    (root / "z3.json").write_text(json.dumps(z3))
-    common = ["--deepspeed", str(root / "z3.json"), "--profile", "tiny", "--method", "tiger",
+    common = ["--deepspeed", zero3_config(root / "z3.json"), "--profile", "tiny", "--method", "tiger",
               "--data.paths", str(a), "--data.codes", str(codes), "--train.epochs", str(EPOCHS),
               "--train.batch_size", str(BATCH), "--train.lr", "0.01", "--train.eval_every", str(EPOCHS),
               "--train.save_every_steps", str(SAVE_EVERY), "--train.log_every", str(LOG_EVERY), "--train.progress", "false",
               "--train.keep_checkpoints", "2"]
-    full, cut = root / "full", root / "cut"
-    p_full = _launch([*common, "--train.run_dir", str(full)], root / "full.log")
-    p_cut = _launch([*common, "--train.run_dir", str(cut)], root / "cut.log",
-                    {"MEGAREC_TEST_HANG_AFTER_STEP": str(hang_at)})
-    marker = cut / f"hanging_at_step{hang_at}"
-    deadline = time.time() + 400
-    while not marker.exists():
-        assert p_cut.poll() is None, f"run ended before the kill:\n{(root / 'cut.log').read_text()[-4000:]}"
-        assert time.time() < deadline, "run never reached the hang step"
-        time.sleep(0.2)
-    os.killpg(p_cut.pid, signal.SIGKILL)
-    p_cut.wait(timeout=60)
-    latest = (cut / "checkpoints" / "latest").read_text().strip()
-    killed_files = sorted(p.name for p in (cut / "checkpoints" / latest).iterdir())
-    p_resume = _launch([*common, "--train.run_dir", str(cut), "--resume"], root / "resume.log", cli=True)
-    _wait(p_full, root / "full.log")
-    _wait(p_resume, root / "resume.log")
-    return {"full": full, "cut": cut, "latest_at_kill": latest, "killed_files": killed_files, "spe": spe,
-            "hang_at": hang_at, "last_ckpt": last_ckpt}
+    out = full_and_resumed_runs(root, "train_rec", common, hang_at, resume_cli=True)   # resumed through the CLI
+    return {**out, "spe": spe, "hang_at": hang_at, "last_ckpt": last_ckpt}
 
 
 def _scalars(run: Path, tag: str) -> dict[int, float]:

@@ -6,15 +6,12 @@ run SIGKILLed mid-epoch resumes from its checkpoint to exactly the state of the 
 from __future__ import annotations
 
 import json
-import os
-import signal
-import time
 
 import pytest
 import torch
 
-from tests.test_train_rec import REPO
-from tests.test_train_rec_dist import _launch, _scalars, _wait
+from tests.dist import full_and_resumed_runs, zero3_config
+from tests.test_train_rec_dist import _scalars
 from tests.test_unigrec import _scalars as scalars_in, make_inputs
 
 pytestmark = pytest.mark.slow
@@ -33,32 +30,14 @@ def runs(tmp_path_factory):
     spe = batches_per_epoch(len(leave_one_out(read_domain(inp["domain"])).train), BATCH, 2)
     hang_at = spe + 3                           # mid epoch 1, one step past a checkpoint
     last_ckpt = max(s for s in range(1, hang_at + 1) if s % SAVE_EVERY == 0 or s % spe == 0)
-    z3 = json.loads((REPO / "ds_configs" / "zero3.json").read_text())
-    z3["zero_optimization"]["stage3_param_persistence_threshold"] = 0   # partition even tiny tensors
-    (root / "z3.json").write_text(json.dumps(z3))
-    common = ["--deepspeed", str(root / "z3.json"), "--profile", "tiny", "--method", "unigrec",
+    common = ["--deepspeed", zero3_config(root / "z3.json"), "--profile", "tiny", "--method", "unigrec",
               "--data.paths", str(inp["domain"]), "--unigrec.tokenizer", str(inp["tok"]),
               "--unigrec.teacher", str(inp["teacher"]), "--train.epochs", str(EPOCHS),
               "--train.batch_size", str(BATCH), "--train.lr", "0.01", "--train.eval_every", "1",
               "--train.save_every_steps", str(SAVE_EVERY), "--train.log_every", "1", "--train.progress", "false",
               "--train.keep_checkpoints", "2"]
-    full, cut = root / "full", root / "cut"
-    p_full = _launch([*common, "--train.run_dir", str(full)], root / "full.log")
-    p_cut = _launch([*common, "--train.run_dir", str(cut)], root / "cut.log",
-                    {"MEGAREC_TEST_HANG_AFTER_STEP": str(hang_at)})
-    marker = cut / f"hanging_at_step{hang_at}"
-    deadline = time.time() + 400
-    while not marker.exists():
-        assert p_cut.poll() is None, f"run ended before the kill:\n{(root / 'cut.log').read_text()[-4000:]}"
-        assert time.time() < deadline, "run never reached the hang step"
-        time.sleep(0.2)
-    os.killpg(p_cut.pid, signal.SIGKILL)
-    p_cut.wait(timeout=60)
-    latest = (cut / "checkpoints" / "latest").read_text().strip()
-    p_resume = _launch([*common, "--train.run_dir", str(cut), "--resume"], root / "resume.log", cli=True)
-    _wait(p_full, root / "full.log")
-    _wait(p_resume, root / "resume.log")
-    return {"full": full, "cut": cut, "latest_at_kill": latest, "spe": spe, "last_ckpt": last_ckpt}
+    out = full_and_resumed_runs(root, "train_rec", common, hang_at, resume_cli=True)
+    return {**out, "spe": spe, "last_ckpt": last_ckpt}
 
 
 def test_zero3_two_ranks_train_evaluate_and_regenerate_codes(runs):

@@ -163,6 +163,7 @@ def test_preemption_checkpoints_and_resume_is_exact(env, pretrained, monkeypatch
     import os
     import signal
     import threading
+    import time
 
     from megarec.engine import preemption
     from megarec.engine.checkpoint import read_weights
@@ -171,13 +172,22 @@ def test_preemption_checkpoints_and_resume_is_exact(env, pretrained, monkeypatch
     out = env["root"] / "preempted"
     preemption.install(["USR1"])
     monkeypatch.setenv("MEGAREC_TEST_HANG_AFTER_STEP", "3")
-    timer = threading.Timer(1.0, os.kill, (os.getpid(), signal.SIGUSR1))
-    timer.start()
+    stop = threading.Event()
+
+    def signal_at_the_hang() -> None:   # the signal comes once the run waits at step 3, however slow the machine
+        while not stop.is_set():
+            if (out / "hanging_at_step3").exists():
+                os.kill(os.getpid(), signal.SIGUSR1)
+                return
+            time.sleep(0.05)
+
+    watcher = threading.Thread(target=signal_at_the_hang, daemon=True)
+    watcher.start()
     try:
         with pytest.raises(preemption.Preempted) as e:
             run(_cfg(env, out, [("export.codes", "false")]))
     finally:
-        timer.cancel()
+        stop.set()
         preemption.uninstall()
     assert e.value.code == preemption.EXIT_CODE and (out / "checkpoints" / "latest").read_text() == "step3"
     monkeypatch.delenv("MEGAREC_TEST_HANG_AFTER_STEP")

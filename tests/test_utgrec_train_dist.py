@@ -6,18 +6,12 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import shutil
-import signal
-import socket
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import pytest
 import torch
 
+from tests.dist import full_and_resumed_runs, zero3_config
 from tests.utgrec_fixtures import tiny_models, tiny_overrides, write_sample_shards
 
 pytestmark = pytest.mark.slow
@@ -25,63 +19,18 @@ REPO = Path(__file__).resolve().parents[1]
 STEPS, SAVE_EVERY, HANG_AT, LOG_EVERY = 8, 3, 5, 2
 
 
-def _port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _launch(args: list[str], log: Path, env_extra: dict[str, str] | None = None) -> subprocess.Popen:
-    env = dict(os.environ, DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1", MEGAREC_LOG_LEVEL="WARNING",
-               **(env_extra or {}))
-    exe = shutil.which("deepspeed")
-    launcher = [exe] if exe else [sys.executable, "-m", "deepspeed.launcher.runner"]
-    cmd = [*launcher, "--num_gpus", "2", "--master_port", str(_port()), str(REPO / "megarec" / "train_tokenizer.py"),
-           *args]
-    return subprocess.Popen(cmd, stdout=log.open("w"), stderr=subprocess.STDOUT, env=env, start_new_session=True,
-                            cwd=str(REPO))
-
-
-def _wait(proc: subprocess.Popen, log: Path, timeout: float = 400) -> None:
-    try:
-        rc = proc.wait(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        raise AssertionError(f"run timed out; log:\n{log.read_text()[-4000:]}")
-    assert rc == 0, f"exit {rc}; log:\n{log.read_text()[-4000:]}"
-
-
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
     root = tmp_path_factory.mktemp("utgrec_dist")
     shards = write_sample_shards(root, image_every=6)   # 8 of 48 items have an image: ranks often differ
     qwen, vae = tiny_models(root)
-    z3 = json.loads((REPO / "ds_configs" / "zero3.json").read_text())
-    z3["zero_optimization"]["stage3_param_persistence_threshold"] = 0   # partition even tiny tensors
-    (root / "z3.json").write_text(json.dumps(z3))
-    common = ["--deepspeed", str(root / "z3.json"), "--data.shards", str(shards), "--train.batch_size", "4",
+    common = ["--deepspeed", zero3_config(root / "z3.json"), "--data.shards", str(shards), "--train.batch_size", "4",
               "--train.max_steps", str(STEPS), "--utgrec.loss.warmup_steps", "2", "--train.log_every", str(LOG_EVERY),
               "--train.eval_every", "4", "--train.save_every_steps", str(SAVE_EVERY), "--data.heldout_items", "16",
               "--train.progress", "false", "--train.lr", "3e-3", "--utgrec.codebook.dead_code_steps", "2"]
     for k, v in tiny_overrides(qwen, vae):
         common += [f"--{k}", v]
-    full, cut = root / "full", root / "cut"
-    p_full = _launch([*common, "--train.run_dir", str(full)], root / "full.log")
-    p_cut = _launch([*common, "--train.run_dir", str(cut)], root / "cut.log", {"MEGAREC_TEST_HANG_AFTER_STEP": str(HANG_AT)})
-    marker = cut / f"hanging_at_step{HANG_AT}"
-    deadline = time.time() + 400
-    while not marker.exists():
-        assert p_cut.poll() is None, f"run ended before the kill:\n{(root / 'cut.log').read_text()[-4000:]}"
-        assert time.time() < deadline, "run never reached the hang step"
-        time.sleep(0.2)
-    os.killpg(p_cut.pid, signal.SIGKILL)
-    p_cut.wait(timeout=60)
-    latest = (cut / "checkpoints" / "latest").read_text().strip()
-    killed_files = sorted(p.name for p in (cut / "checkpoints" / latest).iterdir())
-    p_resume = _launch([*common, "--train.run_dir", str(cut), "--resume"], root / "resume.log")
-    _wait(p_full, root / "full.log")
-    _wait(p_resume, root / "resume.log")
-    return {"full": full, "cut": cut, "latest_at_kill": latest, "killed_files": killed_files}
+    return full_and_resumed_runs(root, "train_tokenizer", common, HANG_AT)
 
 
 def _scalars(run: Path, tag: str) -> dict[int, float]:

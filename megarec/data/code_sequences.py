@@ -187,9 +187,8 @@ class CodeSequenceData:
 
     @property
     def domain_names(self) -> list[str]:
-        return [d.name for d in self.multi.domains]
+        return self.multi.names
 
     def domain_items(self, d: int) -> np.ndarray:
         """Global indices of domain ``d``'s items (its ranking candidates)."""
-        start = self.multi.offsets[d]
-        return np.arange(start, start + self.multi.domains[d].num_items, dtype=np.int64)
+        return self.multi.domain_items(d)

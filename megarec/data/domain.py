@@ -175,6 +175,15 @@ class MultiDomain:
     def num_items(self) -> int:
         return sum(d.num_items for d in self.domains)
 
+    @property
+    def names(self) -> list[str]:
+        return [d.name for d in self.domains]
+
+    def domain_items(self, d: int) -> np.ndarray:
+        """Global indices of domain ``d``'s items (its ranking candidates)."""
+        start = self.offsets[d]
+        return np.arange(start, start + self.domains[d].num_items, dtype=np.int64)
+
     def domain_index(self, name: str) -> int:
         for i, d in enumerate(self.domains):
             if d.name == name:

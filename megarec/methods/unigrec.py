@@ -127,11 +127,11 @@ class UniGRecData:
 
     @property
     def domain_names(self) -> list[str]:
-        return [d.name for d in self.multi.domains]
+        return self.multi.names
 
     def domain_items(self, d: int) -> np.ndarray:
-        start = self.multi.offsets[d]
-        return np.arange(start, start + self.multi.domains[d].num_items, dtype=np.int64)
+        """Global indices of domain ``d``'s items (its ranking candidates)."""
+        return self.multi.domain_items(d)
 
 
 def uses_teacher(s: UniGRecConfig) -> bool:
