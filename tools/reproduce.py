@@ -20,9 +20,9 @@ validation NDCG@10 with early stopping, one test pass at the best epoch.
   paper's "w/o PT": tokenizer trained on the dataset only, T5 from scratch).
 
 Profiles (``megarec/configs/<method>/<profile>.yaml``): ``paper`` (the papers' sizes: T5 6+6 layers,
-d_model 128; GPU), ``cpu-small`` (T5 2+2 layers, d_model 64, at most 10 epochs validated every 2;
-SASRec at most 80 epochs; RQ-VAE 300 epochs; on Scientific on a shared, loaded 2-core
-machine with one thread: SASRec 9 min, TIGER 33 min), ``quickstart`` (the embedded sample),
+d_model 128; GPU), ``cpu-small`` (TIGER: T5 2+2 layers, d_model 64, length-grouped batches of 64,
+up to 40 epochs validated every 2; SASRec at most 80 epochs; RQ-VAE 300 epochs; see the README for
+measured times), ``quickstart`` (the embedded sample),
 ``tiny`` (smoke test). ``train_s`` is the recommender's training-step time;
 ``total_s`` the wall time of the whole method (tokenizer, evaluations and test included).
 The JSON holds ``"results"``: one object per (method, dataset, seed) with ``method``,
