@@ -32,6 +32,7 @@ import torch
 
 from megarec.config import ConfigError, field, load_config, save_config, to_dict
 from megarec.methods.utgrec_tokenizer import UTGRecTokenizerConfig
+from megarec.methods.utgrec_batches import Batcher, codebook_stats, encode_catalogue, export_codes  # noqa: F401
 from megarec.tokenizer.latent_cache import LatentCache
 
 FORMAT = "megarec-utgrec-tokenizer/1"
@@ -87,101 +88,6 @@ class TrainTokenizerConfig:
     utgrec: UTGRecTokenizerConfig = field(default_factory=UTGRecTokenizerConfig)
     train: TokTrainConfig = field(default_factory=TokTrainConfig)
     export: ExportConfig = field(default_factory=ExportConfig)
-
-
-# --------------------------------------------------------------------------- batches
-class Batcher:
-    """Shard batches -> model inputs: co-occurring positives, encoder prompts, text targets, VAE latents."""
-
-    def __init__(self, cfg: TrainTokenizerConfig, module, latents, lookup, device: torch.device) -> None:
-        self.cfg, self.module, self.latents, self.lookup, self.device = cfg, module, latents, lookup, device
-        u = cfg.utgrec
-        self.qwen = u.encoder.backend == "qwen2vl"
-        self.cache = latents if isinstance(latents, LatentCache) else None
-        self.load_images = self.qwen or (latents is not None and self.cache is None)
-        self.image_size = u.encoder.image_size if self.qwen else u.decoder.vae_image_size
-        self.bad_images = 0
-
-    def _image(self, i: int) -> torch.Tensor | None:
-        if not self.load_images:
-            return None
-        try:
-            return self.lookup.image(i, self.image_size)
-        except Exception:
-            if self.cfg.data.on_bad_sample == "fail":
-                raise
-            self.bad_images += 1
-            return None
-
-    def items(self, keys: list[str], texts: list[str], images: list[torch.Tensor | None]
-              ) -> tuple[dict, torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor]:
-        enc = self.module.encoder.prepare(texts, images if self.qwen else [None] * len(texts))
-        ids, mask = self.module.encoder.text_targets(texts, self.cfg.utgrec.decoder.max_text_tokens)
-        has = torch.tensor([im is not None for im in images], dtype=torch.bool)
-        lat = None
-        if self.cache is not None:
-            lat, has = self.cache.get(keys)
-            lat = lat.to(self.device)
-        elif self.latents is not None:
-            lat = torch.zeros(len(texts), self.latents.num_tokens, self.latents.token_dim, device=self.device)
-            if has.any():
-                pics = torch.stack([im for im in images if im is not None]).to(self.device)
-                lat[has.to(self.device)] = self.latents(pics)
-        to = lambda t: t.to(self.device)  # noqa: E731
-        return {k: to(v) for k, v in enc.items()}, to(ids), to(mask), lat, to(has)
-
-    def train_batch(self, batch: dict, step: int, rank: int):
-        rng = np.random.default_rng([self.cfg.train.seed, step, rank])
-        pos = [self.lookup.sample_positive(k, rng) for k in batch["key"]]
-        keys = list(batch["key"]) + [self.lookup.keys[i] for i in pos]
-        texts = [self.lookup.text(self.lookup.position(k)) for k in keys]
-        imgs = batch["image"]
-        anchors = [None if not self.load_images or not h else imgs[j] for j, h in enumerate(batch["has_image"])]
-        return self.items(keys, texts, anchors + [self._image(i) for i in pos])
-
-    def encode_inputs(self, positions: Sequence[int]) -> dict:
-        texts = [self.lookup.text(i) for i in positions]
-        images = [self._image(i) if self.qwen else None for i in positions]
-        enc = self.module.encoder.prepare(texts, images)
-        return {k: v.to(self.device) for k, v in enc.items()}
-
-
-@torch.no_grad()
-def encode_catalogue(module, batcher: Batcher, positions: np.ndarray, batch_size: int) -> torch.Tensor:
-    """``H' [len(positions), L, d_c]`` on every rank: each rank encodes its round-robin share (every rank runs
-    the same number of encoder passes, ZeRO-3), the shares are gathered and put back in order."""
-    from megarec.distributed import all_gather_with_grad, get_rank, get_world_size
-    from megarec.engine.sampler import eval_batches
-
-    rank, world = get_rank(), get_world_size()
-    was = module.training
-    module.eval()
-    idx, out = [], []
-    for b in eval_batches(len(positions), batch_size, rank, world):
-        hc = module.code_inputs(**batcher.encode_inputs(positions[b.indices]))
-        idx.append(torch.from_numpy(b.indices[:b.num_real]))
-        out.append(hc[:b.num_real].float())
-    module.train(was)
-    dev = batcher.device
-    mine_i = torch.cat(idx).to(dev) if idx else torch.zeros(0, dtype=torch.long, device=dev)
-    L, d = module.tree.num_levels, module.tree.dim
-    mine_h = torch.cat(out) if out else torch.zeros(0, L, d, device=dev)
-    all_i = all_gather_with_grad(mine_i) if world > 1 else mine_i
-    all_h = all_gather_with_grad(mine_h) if world > 1 else mine_h
-    full = torch.zeros(len(positions), L, d, device=dev)
-    full[all_i] = all_h
-    return full.cpu()
-
-
-def codebook_stats(counts: list[torch.Tensor]) -> dict[str, float]:
-    """Per level: usage (fraction of codes used) and perplexity ``exp(entropy)`` of the code counts."""
-    out = {}
-    for l, c in enumerate(counts):
-        p = c.double() / c.sum().clamp_min(1)
-        nz = p[p > 0]
-        out[f"usage_l{l + 1}"] = float((c > 0).double().mean())
-        out[f"perplexity_l{l + 1}"] = float(torch.exp(-(nz * nz.log()).sum()))
-    return out
 
 
 # --------------------------------------------------------------------------- run
@@ -430,32 +336,6 @@ def _hang(tb, run_dir: Path, step: int) -> None:
 
     while not preemption.received():   # killed by the test, or (under a guard) preempted by a signal
         time.sleep(0.2)
-
-
-def export_codes(module, batcher: Batcher, lookup, domains: Sequence[str] | None, policy: str, batch_size: int,
-                 out: Path):
-    """Codes of every item of ``domains`` (default all), assigned over the merged catalogue so that IDs are unique
-    across domains (UTGRec Sec. 2.4.1), written as a codes file on rank 0. Collective; returns the CodesFile on
-    rank 0, ``None`` elsewhere."""
-    from megarec.data.domain import DataError
-    from megarec.distributed import barrier, is_main_process
-    from megarec.tokenizer.assign import assign_catalogue
-
-    known = sorted(set(lookup.domains))
-    wanted = list(domains) if domains else known
-    missing = [d for d in wanted if d not in known]
-    if missing:
-        raise DataError(f"export.domains: {missing} not in the shards (they hold {known})")
-    positions = np.array([i for i, d in enumerate(lookup.domains) if d in set(wanted)], dtype=np.int64)
-    h = encode_catalogue(module, batcher, positions, batch_size)
-    snap = module.tree.snapshot()
-    codes = None
-    if is_main_process():
-        codes = assign_catalogue(snap, h, [lookup.keys[i] for i in positions], policy)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        codes.save(out)
-    barrier()
-    return codes
 
 
 # --------------------------------------------------------------------------- command line

@@ -57,7 +57,7 @@ def plain_batches(cfg, steps: int) -> list:
     from megarec.data.shards import ShardDataset, ShardLoader
     from megarec.methods.utgrec_tokenizer import build_model
     from megarec.tokenizer.item_lookup import ItemLookup
-    from megarec.train_tokenizer import Batcher
+    from megarec.methods.utgrec_batches import Batcher
 
     torch.manual_seed(cfg.train.seed)
     model, latents = build_model(cfg.utgrec)
