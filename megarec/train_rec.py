@@ -19,14 +19,11 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import os
-import random
 import sys
 from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
-import torch
 
 from megarec.config import ConfigError, DataConfig, field, load_config, save_config, to_dict
 from megarec.methods import DEFAULT_METHOD, REGISTRY, get_method
@@ -107,12 +104,6 @@ def profile_layer(method: str, profile: str) -> tuple[str, dict[str, Any]]:
 
 
 # --------------------------------------------------------------------------- training
-def _seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
-
-
 def read_domains(cfg: DataConfig) -> list:
     """Read ``cfg.paths`` (every input error is raised here, before any compute)."""
     from megarec.data.readers import read_domain
@@ -120,22 +111,6 @@ def read_domains(cfg: DataConfig) -> list:
     if not cfg.paths:
         raise ConfigError("data.paths: give at least one domain folder or file")
     return [read_domain(p, kcore=cfg.kcore, text_fields=cfg.text_fields) for p in cfg.paths]
-
-
-def _set_cpu_threads(threads: int) -> None:
-    """On CPU, split the cores among the node's ranks: torch's default (every core per rank)
-    oversubscribes them under ``deepspeed --num_gpus N``, and OpenMP threads that wait for
-    each other then run many times slower."""
-    from megarec.engine.deepspeed_setup import accelerator_name
-
-    if accelerator_name() != "cpu":
-        return
-    if threads == 0:
-        if "OMP_NUM_THREADS" in os.environ:
-            return
-        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-        threads = max(1, cores // int(os.environ.get("LOCAL_SIZE", os.environ.get("LOCAL_WORLD_SIZE", "1"))))
-    torch.set_num_threads(threads)
 
 
 def _check_run_dir(cfg: Any, run_dir: Path) -> None:
@@ -159,17 +134,17 @@ def run(cfg: Any) -> dict[str, Any]:
     from megarec.distributed import barrier, get_logger, get_rank, get_world_size, is_main_process
     from megarec.engine.checkpoint import read_weights, load_state_dict_into
     from megarec.engine.deepspeed_setup import (WarmupCosine, build_engine, device, init_distributed,
-                                                resolve_ds_config)
+                                                resolve_ds_config, seed_everything, set_cpu_threads)
     from megarec.engine.sampler import batches_per_epoch
     from megarec.engine.trainer import LoopConfig, Trainer
 
     init_distributed()
-    _set_cpu_threads(cfg.train.cpu_threads)
+    set_cpu_threads(cfg.train.cpu_threads)
     log = get_logger("megarec.train_rec")
     run_dir = Path(cfg.train.run_dir)
     _check_run_dir(cfg, run_dir)
     method = get_method(cfg.method)
-    _seed_everything(cfg.train.seed)
+    seed_everything(cfg.train.seed)
     domains = read_domains(cfg.data)
     data = method.prepare(cfg, domains)
     model = method.build_model(cfg, data)          # same seed on every rank: identical initial weights
@@ -179,7 +154,7 @@ def run(cfg: Any) -> dict[str, Any]:
         log.info("initialised from %s", cfg.train.init_from)
     metadata = {"format": FORMAT, "method": cfg.method, "config": json.dumps(to_dict(cfg))}
     task = method.make_task(cfg, data, device(), metadata)
-    _seed_everything(cfg.train.seed + 1000 * get_rank())   # per-rank dropout stream
+    seed_everything(cfg.train.seed + 1000 * get_rank())   # per-rank dropout stream
     world = get_world_size()
     total = cfg.train.epochs * batches_per_epoch(task.num_samples, cfg.train.batch_size, world)
     ds = resolve_ds_config(cfg.train.deepspeed or None, micro_batch_size=cfg.train.batch_size, lr=cfg.train.lr,

@@ -21,7 +21,6 @@ import argparse
 import dataclasses
 import json
 import os
-import random
 import sys
 import time
 from pathlib import Path
@@ -91,22 +90,6 @@ class TrainTokenizerConfig:
 
 
 # --------------------------------------------------------------------------- run
-def _seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
-
-
-def _set_cpu_threads(threads: int) -> None:
-    from megarec.engine.deepspeed_setup import accelerator_name
-
-    if accelerator_name() != "cpu" or (threads == 0 and "OMP_NUM_THREADS" in os.environ):
-        return
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    local = int(os.environ.get("LOCAL_SIZE", os.environ.get("LOCAL_WORLD_SIZE", "1")))
-    torch.set_num_threads(threads or max(1, cores // local))
-
-
 def _check(cfg: TrainTokenizerConfig, run_dir: Path) -> None:
     from megarec.engine.checkpoint import latest_tag
 
@@ -136,20 +119,21 @@ def run(cfg: TrainTokenizerConfig) -> dict[str, Any]:
                                            read_weights, save_checkpoint, write_json)
     from megarec.engine import preemption
     from megarec.engine.deepspeed_setup import (WarmupCosine, accelerator_name, build_engine, current_lr, device,
-                                                init_distributed, resolve_ds_config)
+                                                init_distributed, resolve_ds_config, seed_everything,
+                                                set_cpu_threads)
     from megarec.engine.tb import TBLogger, memory_gb
     from megarec.methods.utgrec_tokenizer import build_model, freeze_for_finetuning, quantizing, tokenizer_loss
     from megarec.tokenizer.item_lookup import ItemLookup
 
     init_distributed()
-    _set_cpu_threads(cfg.train.cpu_threads)
+    set_cpu_threads(cfg.train.cpu_threads)
     log = get_logger("megarec.train_tokenizer")
     run_dir = Path(cfg.train.run_dir)
     _check(cfg, run_dir)
     rank, world = get_rank(), get_world_size()
     dev = device()
     lookup = ItemLookup(cfg.data.shards, cfg.data.text_fields)
-    _seed_everything(cfg.train.seed)
+    seed_everything(cfg.train.seed)
     model, latents = build_model(cfg.utgrec, gpu=accelerator_name() != "cpu")   # same seed: same weights everywhere
     if latents is not None and not isinstance(latents, LatentCache):
         latents.to(dev)
@@ -159,7 +143,7 @@ def run(cfg: TrainTokenizerConfig) -> dict[str, Any]:
         log.info("initialised from %s", cfg.train.init_from)
     if cfg.train.finetune:
         freeze_for_finetuning(model)
-    _seed_everything(cfg.train.seed + 1000 * rank)   # per-rank dropout / diffusion-noise streams
+    seed_everything(cfg.train.seed + 1000 * rank)   # per-rank dropout / diffusion-noise streams
     u = cfg.utgrec
     qwen = u.encoder.backend == "qwen2vl"
     ds = ShardDataset(cfg.data.shards, batch_size=cfg.train.batch_size, seed=cfg.train.seed,

@@ -75,6 +75,29 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def seed_everything(seed: int) -> None:
+    """Seed Python's, NumPy's and torch's generators (the same seed on every rank gives the same
+    initial weights; entry points add ``1000 * rank`` afterwards for per-rank dropout streams)."""
+    import random
+
+    import numpy as np
+
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def set_cpu_threads(threads: int) -> None:
+    """On CPU, split the cores among the node's ranks (``threads`` 0 = cores / local ranks, unless
+    ``OMP_NUM_THREADS`` is set): torch's default (every core per rank) oversubscribes them under
+    ``deepspeed --num_gpus N``, and OpenMP threads that wait for each other run many times slower."""
+    if accelerator_name() != "cpu" or (threads == 0 and "OMP_NUM_THREADS" in os.environ):
+        return
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    local = int(os.environ.get("LOCAL_SIZE", os.environ.get("LOCAL_WORLD_SIZE", "1")))
+    torch.set_num_threads(threads or max(1, cores // local))
+
+
 def init_distributed() -> None:
     """Join the launcher's process group, or start a 1-rank group when run without a launcher."""
     import deepspeed
