@@ -37,6 +37,8 @@ from megarec.tokenizer.latent_cache import LatentCache
 FORMAT = "megarec-utgrec-tokenizer/1"
 from megarec.engine.trainer import HANG_ENV  # noqa: E402  (test hook: block after that step until killed)
 
+PRIOR_ITEMS = 50_000   # items whose text tokens give the text decoder's initial unigram prior (a uniform sample)
+
 
 @dataclasses.dataclass
 class TokDataConfig:
@@ -137,6 +139,9 @@ def run(cfg: TrainTokenizerConfig) -> dict[str, Any]:
     model, latents = build_model(cfg.utgrec, gpu=accelerator_name() != "cpu")   # same seed: same weights everywhere
     if latents is not None and not isinstance(latents, LatentCache):
         latents.to(dev)
+    if not cfg.train.init_from:   # text decoder starts at the catalogue's token marginal (same on every rank)
+        prior_items = np.random.default_rng(cfg.train.seed).permutation(len(lookup))[:PRIOR_ITEMS]
+        model.init_text_prior([lookup.text(int(i)) for i in np.sort(prior_items)])
     if cfg.train.init_from:
         state, _ = read_weights(cfg.train.init_from)
         load_state_dict_into(model, state, source=cfg.train.init_from)

@@ -1,24 +1,13 @@
 """The embedded sample and tools/make_sample.py, which writes it."""
 from __future__ import annotations
 
-import importlib.util
-from pathlib import Path
-
 import numpy as np
 import pytest
 
 from megarec.data.domain import Domain
 from megarec.data.readers import read_domain
 from megarec.data.sample import SAMPLE_DIR, load_sample, sample_paths
-
-TOOL = Path(__file__).resolve().parents[1] / "tools" / "make_sample.py"
-
-
-def load_tool():
-    spec = importlib.util.spec_from_file_location("make_sample", TOOL)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+from tests.tools import load_tool
 
 
 def test_sample_is_small_real_and_has_text():
@@ -42,7 +31,7 @@ def synthetic(num_users: int = 40, num_items: int = 30, seed: int = 3) -> Domain
 
 
 def test_subsample_is_a_deterministic_real_subset():
-    tool = load_tool()
+    tool = load_tool("make_sample")
     d = synthetic()
     a = tool.subsample(d, users=8, items=12, min_len=3, seed=1, max_chars=22)
     b = tool.subsample(d, users=8, items=12, min_len=3, seed=1, max_chars=22)
@@ -68,7 +57,7 @@ def test_subsample_is_a_deterministic_real_subset():
 
 
 def test_make_sample_main_writes_readable_json_layout(tmp_path):
-    tool = load_tool()
+    tool = load_tool("make_sample")
     src = tmp_path / "src"
     from megarec.data.readers.json_layout import write
     write(synthetic(), src / "Syn")

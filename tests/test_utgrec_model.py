@@ -115,6 +115,10 @@ def test_text_encoder_backend_with_real_minilm():
     trainable = [n for n, p in enc.named_parameters() if p.requires_grad]
     assert all("lora_" in n or "trainable_tokens" in n for n in trainable) and len(trainable) > 10
     assert all("pooler" not in n for n in trainable)
+    # no dropout inside the frozen backbone (Qwen2-VL has none): training mode gives the eval-mode states
+    assert all(m.p == 0 for n, m in enc.named_modules() if isinstance(m, torch.nn.Dropout) and "lora_" not in n)
+    enc.train()
+    torch.testing.assert_close(enc(**x), h, rtol=1e-5, atol=1e-5)
 
 
 def test_bad_encoder_settings_are_clear(paths):
@@ -158,6 +162,36 @@ def test_text_decoder_ignores_padding_and_sees_only_h_hat():
     assert not torch.allclose(other, short)
     with pytest.raises(ValueError, match="max_tokens"):
         dec(h, torch.ones(2, 13, dtype=torch.bool))
+
+
+def test_text_decoder_prior_is_the_smoothed_unigram_distribution():
+    from megarec.tokenizer.text_decoder import MaskedTextDecoder
+
+    dec = MaskedTextDecoder(16, 6, 12, 3, heads=2)
+    ids = torch.tensor([[0, 2, 2], [5, 2, 0]])
+    dec.init_prior(ids)
+    counts = torch.tensor([2, 0, 3, 0, 0, 1], dtype=torch.float64) + 0.1
+    torch.testing.assert_close(torch.softmax(dec.head.bias.double(), 0), counts / counts.sum())
+    with torch.no_grad():
+        dec.head.weight.zero_()     # a decoder that ignores H_hat predicts exactly the prior
+    logits = dec(torch.randn(2, 3, 16), torch.ones(2, 4, dtype=torch.bool))
+    torch.testing.assert_close(torch.log_softmax(logits, -1)[0, 0].double(), (counts / counts.sum()).log(), rtol=1e-5,
+                               atol=1e-5)
+    with pytest.raises(ValueError, match="outside the vocabulary"):
+        dec.init_prior(torch.tensor([6]))
+
+
+def test_model_text_prior_comes_from_the_catalogue_texts():
+    from megarec.tokenizer.content_encoder import TextEncoder
+    from megarec.tokenizer.utgrec_model import UTGRecModel
+
+    enc = TextEncoder("", 3, max_text_tokens=16)
+    model = UTGRecModel(enc, root_size=4, leaf_size=4, code_dim=8, adapter_hidden=16, decoder_dim=16,
+                        decoder_heads=2, max_text_tokens=5)
+    model.init_text_prior(TEXTS)
+    ids, mask = enc.text_targets(TEXTS, 5)
+    top = torch.bincount(ids[mask], minlength=enc.vocab_size).argmax()
+    assert model.text_decoder.head.bias.argmax() == top
 
 
 def test_text_decoder_nll_only_projects_real_tokens():

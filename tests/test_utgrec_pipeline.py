@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from tests.test_train_rec import write_domain
+from tests.tools import load_tool
 
 STAGES = ("shards_target", "shards_pretrain", "tokenizer_pretrain", "rec_pretrain", "tokenizer_finetune")
 
@@ -138,22 +139,12 @@ def test_rerun_reuses_finished_stages_and_redoes_changed_ones(env, pipeline):
     assert json.loads(stamp.read_text())["done"] is True
 
 
-def _reproduce():
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("reproduce", Path(__file__).resolve().parents[1] / "tools" /
-                                                  "reproduce.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
-
-
 def test_nopt_trains_the_tokenizer_on_the_target_and_the_t5_from_scratch(env):
     """tools/reproduce.py --methods utgrec-nopt: the alias drops the --pretrain domains."""
     from megarec.config import load_config
     from megarec.train_rec import TrainRecConfig
 
-    rep = _reproduce()
+    rep = load_tool("reproduce")
     p = env["paths"]
     over = rep.pretrain_overrides("utgrec", [str(p["A"]), str(p["T"])], str(p["T"]))
     assert over == [("utgrec.pretrain_paths", str(p["A"].resolve()))]    # the target is left out

@@ -27,7 +27,9 @@ measured times), ``quickstart`` (the embedded sample),
 ``total_s`` the wall time of the whole method (tokenizer, evaluations and test included).
 The JSON holds ``"results"``: one object per (method, dataset, seed) with ``method``,
 ``dataset``, ``seed``, ``recall@5``, ``recall@10``, ``ndcg@5``, ``ndcg@10``, ``train_s``,
-``total_s``, ``best_epoch``, ``epochs_run``.
+``total_s``, ``best_epoch``, ``epochs_run``; and ``"skipped"``: the (method, dataset) pairs that
+cannot run, with the reason (a method that needs item text on a domain without any, e.g. TIGER
+or UniGRec on Instruments: reported, and the other runs go on).
 """
 from __future__ import annotations
 
@@ -92,6 +94,7 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
 
     from megarec.config import ConfigError
+    from megarec.data.domain import MissingTextError
     from megarec.data.readers import read_domain
     from megarec.methods import method_names
     from megarec.methods.profiles import load_profile
@@ -107,7 +110,7 @@ def main(argv=None) -> int:
             load_profile(base, args.profile)
         except ConfigError as e:
             ap.error(f"--profile: {e}")
-    rows = []
+    rows, skipped = [], []
     for path in args.pretrain:
         read_domain(path)                        # fail on bad data before training anything
     for path in args.data:
@@ -124,8 +127,13 @@ def main(argv=None) -> int:
                 stage_over: dict[str, list[tuple[str, str]]] = {}
                 for stage, k, v in args.stage_set:
                     stage_over.setdefault(stage, []).append((k, v))
-                res = run_pipeline(base, [path], out, profile=args.profile, overrides=over,
-                                   stage_overrides=stage_over, progress=not args.no_progress)
+                try:
+                    res = run_pipeline(base, [path], out, profile=args.profile, overrides=over,
+                                       stage_overrides=stage_over, progress=not args.no_progress)
+                except MissingTextError as e:
+                    print(f"skipped {method} on {name}: {e}", file=sys.stderr)
+                    skipped.append({"method": method, "dataset": name, "reason": str(e)})
+                    break                                # the other seeds cannot run either
                 row = {"method": method, "dataset": name, "seed": seed,
                        **{k: res["test"][k] for k in METRICS}, "train_s": res["train_s"],
                        "total_s": time.perf_counter() - t0, "best_epoch": res["best_epoch"],
@@ -138,14 +146,18 @@ def main(argv=None) -> int:
         for name in dict.fromkeys(r["dataset"] for r in rows):
             for method in methods:
                 group = [r for r in rows if r["dataset"] == name and r["method"] == method]
+                if not group:
+                    continue
                 table.append({"method": method, "dataset": name, "seed": "mean",
                               **{k: sum(r[k] for r in group) / len(group) for k in (*METRICS, "train_s", "total_s")}})
     print(format_table([{**r, "seed": str(r["seed"])} for r in table],
                        ["method", "dataset", "seed", *METRICS, "train_s", "total_s"]))
+    for sk in skipped:
+        print(f"skipped: {sk['method']} on {sk['dataset']} ({sk['reason']})")
     if args.json:
         Path(args.json).write_text(json.dumps({"profile": args.profile, "overrides": args.set, "seeds": seeds,
                                                "pretrain": args.pretrain, "platform": platform.platform(),
-                                               "results": rows, "table": table}, indent=2))
+                                               "results": rows, "table": table, "skipped": skipped}, indent=2))
     return 0
 
 

@@ -38,6 +38,10 @@ TEXT_PROMPT = ("The item's information is: \"{text}\". Compress the text informa
 QWEN_LORA_TARGETS = r"language_model\..*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)"
 TEXT_LORA_TARGETS = r"encoder\..*\.(query|key|value|dense)"
 BACKENDS = ("qwen2vl", "text")
+# Dropout inside the text backend's frozen backbone (MiniLM ships 0.1): none, as in Qwen2-VL. Its noise in the
+# code states exceeds their spread across items and, with it, the codes of a short CPU run collapse
+# (docs/README_utgrec.md, "codes after short CPU training"); LoRA keeps its own lora_dropout.
+BACKBONE_DROPOUT = 0.0
 
 
 def code_tokens(num_codes: int) -> list[str]:
@@ -201,7 +205,11 @@ class TextEncoder(ContentEncoder):
         self.tokenizer = AutoTokenizer.from_pretrained(path)
         self.tokenizer.add_tokens(code_tokens(num_codes), special_tokens=True)
         self.code_ids = self.tokenizer.convert_tokens_to_ids(code_tokens(num_codes))
-        model = AutoModel.from_config(AutoConfig.from_pretrained(path)) if random_init else AutoModel.from_pretrained(path)
+        config = AutoConfig.from_pretrained(path)
+        for name in ("hidden_dropout_prob", "attention_probs_dropout_prob", "dropout", "attention_dropout"):
+            if isinstance(getattr(config, name, None), float):
+                setattr(config, name, BACKBONE_DROPOUT)
+        model = AutoModel.from_config(config) if random_init else AutoModel.from_pretrained(path, config=config)
         if len(self.tokenizer) > model.get_input_embeddings().num_embeddings:
             model.resize_token_embeddings(len(self.tokenizer))
         if gradient_checkpointing:

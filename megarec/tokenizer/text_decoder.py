@@ -4,6 +4,15 @@
 The mask is 100%: the decoder's input holds only the discrete content states and copies
 of one learned mask embedding (plus positions); the real text tokens never enter it, so
 the text can only come from ``H_hat``.
+
+The head's bias starts at the log unigram frequencies of the catalogue's text tokens
+(:meth:`MaskedTextDecoder.init_prior`; docs/README_utgrec.md, "codes after short CPU training").
+From a zero bias the decoder's first job is the text marginal, whose gradient is the same for
+every item: the decoder reads ``H_hat`` late and the quantiser, once on, pulls every item onto a
+few codes. Measured on the sample (MiniLM, batches of 8 fresh items, 150 steps): held-out NLL of
+an item's own text vs another item's, 6.28 vs 6.52 with the prior, 6.52 vs 6.56 without; codes
+exported after a 150-step warm-up and 50 quantised steps: perplexity 11.5 / 15.1 / 27.7 with it,
+5.7 / 9.9 / 11.3 without.
 """
 from __future__ import annotations
 
@@ -47,6 +56,16 @@ class MaskedTextDecoder(nn.Module):
         super().__init__()
         self.body = MaskedDecoderLayer(dim, max_tokens, num_levels, heads, dropout)
         self.head = nn.Linear(dim, vocab_size)
+
+    @torch.no_grad()
+    def init_prior(self, token_ids: torch.Tensor, smoothing: float = 0.1) -> None:
+        """Set the head's bias to ``log p(token)``, the unigram frequencies of ``token_ids`` (the catalogue's
+        text targets, any shape) with ``smoothing`` added to every count. Call before DeepSpeed wraps the model."""
+        counts = torch.bincount(token_ids.reshape(-1).long().cpu(), minlength=self.head.out_features).double()
+        if counts.numel() != self.head.out_features:
+            raise ValueError(f"token id {int(token_ids.max())} is outside the vocabulary of {self.head.out_features}")
+        counts += smoothing
+        self.head.bias.copy_((counts / counts.sum()).log().to(self.head.bias.dtype))
 
     def forward(self, h_hat: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """Logits ``[B, T, V]`` for the ``T`` (padded) text positions of ``mask [B, T]``."""

@@ -65,6 +65,12 @@ class UTGRecModel(nn.Module):
     def codebook_sizes(self) -> list[int]:
         return self.tree.codebook_sizes
 
+    def init_text_prior(self, texts: list[str]) -> None:
+        """Start the text decoder at the unigram distribution of ``texts`` (the catalogue's item texts, as
+        reconstructed: at most ``max_text_tokens`` each); see :mod:`megarec.tokenizer.text_decoder`."""
+        ids, mask = self.encoder.text_targets(texts, self.max_text_tokens)
+        self.text_decoder.init_prior(ids[mask])
+
     def code_inputs(self, **enc_inputs: torch.Tensor) -> torch.Tensor:
         """``H' = MLP(H)`` ``[B, L, d_c]``: what the codebooks quantise."""
         return self.adapter(self.encoder(**enc_inputs))
