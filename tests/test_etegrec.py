@@ -325,6 +325,11 @@ def test_run_logs_every_term_and_codebook_statistics(trained):
     acc.Reload()
     tags = set(acc.Tags()["scalars"])
     assert {"loss/loss", "loss/rec", "loss/sq", "loss/recon", "loss/sia", "loss/psa", "eval/ndcg@10"} <= tags
+    # one lr per part, gates included: the recommender's and the tokenizer's are never both on
+    lr = {e.step: e.value for e in acc.Scalars("train/lr")}
+    lr_tok = {e.step: e.value for e in acc.Scalars("train/lr_tokenizer")}
+    assert lr.keys() == lr_tok.keys() and not any(lr[k] > 0 and lr_tok[k] > 0 for k in lr)
+    assert max(lr.values()) > 0 and max(lr_tok.values()) > 0
     cb = EventAccumulator(str(trained["run"] / "tb" / "codebook"))
     cb.Reload()
     ctags = set(cb.Tags()["scalars"])

@@ -327,3 +327,16 @@ def refresh_lr(engine) -> None:
 
 def current_lr(engine) -> float:
     return float(engine.get_lr()[0])
+
+
+def part_lrs(engine) -> dict[str, float]:
+    """The learning rate of each lr part of :func:`megarec.engine.param_groups.param_groups`: ``lr`` for the
+    default part (the first group's, as :func:`current_lr`), ``lr_<prefix>`` for a part with its own prefix
+    (``lr_tokenizer`` for ``tokenizer.``), gates included (a frozen side shows 0). Groups without a name
+    (a plain parameter list) count as the default part."""
+    out = {"lr": current_lr(engine)}
+    for group in engine.optimizer.param_groups:
+        prefix = str(group.get("name", "")).removesuffix("no_decay").removesuffix("decay").rstrip("._")
+        if prefix:
+            out.setdefault(f"lr_{prefix}", float(group["lr"]))
+    return out

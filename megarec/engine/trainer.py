@@ -27,7 +27,7 @@ from megarec.distributed import barrier, get_logger, get_rank, get_world_size, i
 from megarec.engine.checkpoint import (MODEL_FILE, export_safetensors, load_checkpoint, load_state_dict_into,
                                        read_weights, save_checkpoint, write_json)
 from megarec.engine import preemption
-from megarec.engine.deepspeed_setup import current_lr, refresh_lr
+from megarec.engine.deepspeed_setup import current_lr, part_lrs, refresh_lr
 from megarec.engine.sampler import epoch_batches, grouped_epoch_batches
 from megarec.engine.tb import TBLogger, memory_gb
 
@@ -259,7 +259,7 @@ class Trainer:
         step = self.state["global_step"]
         tb.scalars(means, step, prefix="loss/")
         tb.scalars({"samples_per_s": samples / max(dt, 1e-9), "memory_gb": memory_gb()}, step, prefix="perf/")
-        tb.scalars({"lr": current_lr(self.engine)}, step, prefix="train/")
+        tb.scalars(part_lrs(self.engine), step, prefix="train/")
         if bar is not None:
             bar.set_postfix(loss=f"{means['loss']:.4f}")
         return now
