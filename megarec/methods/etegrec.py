@@ -31,7 +31,6 @@ public code does, the paper does not say; off by default). See
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Sequence
@@ -45,14 +44,12 @@ from megarec.data.codes import CodesFile
 from megarec.data.domain import DataError, Domain, MultiDomain
 from megarec.data.embeddings import load_item_embeddings
 from megarec.data.splits import leave_one_out
-from megarec.distributed import get_logger, get_world_size, is_main_process
 from megarec.engine.checkpoint import load_state_dict_into
 from megarec.engine.trainer import TrainTask
 from megarec.methods.base import Method
-# Also re-exported from here: megarec.methods.unigrec uses these helpers as ``etegrec.<name>``.
-from megarec.methods.etegrec_data import (CodeTable, HistorySamples, _as_arg, code_stats,  # noqa: F401
-                                          concat_history_samples, history_samples, item_codes, pretrain_tokenizer,
-                                          teacher_embeddings, vocab_sizes)
+from megarec.methods.code_regeneration import CodeRegeneration
+from megarec.methods.etegrec_data import (CodeTable, HistorySamples, concat_history_samples, history_samples,
+                                          item_codes, pretrain_tokenizer, teacher_embeddings, vocab_sizes)
 from megarec.methods.etegrec_model import ETEGRecModel, ETEGRecTerms
 from megarec.methods.evaluation import evaluate_domains
 from megarec.recommender.beam_search import beam_search
@@ -228,24 +225,20 @@ def evaluate(model: ETEGRecModel, data: ETEGRecData, per_domain: Sequence[Histor
     return evaluate_domains(per_domain, data.domain_names, rank_batch, batch_size, device, ks)
 
 
-class Schedule:
+class Schedule(CodeRegeneration):
     """The epoch hooks: phase, frozen side, LR gates, loss weights, code regeneration and its logs."""
 
     def __init__(self, cfg: "TrainRecConfig", data: ETEGRecData, num_samples: int) -> None:
+        super().__init__(cfg, data, num_samples, "megarec.etegrec")
         self.s: ETEGRecConfig = cfg.etegrec
-        self.cfg, self.data = cfg, data
         self.epochs = cfg.train.epochs
-        self.steps_per_epoch = math.ceil(math.ceil(num_samples / get_world_size()) / cfg.train.batch_size)
         self.gates: dict[str, float] = {}
         self.weights: dict[str, float] = loss_weights(epoch_phase(0, self.s, self.epochs), self.s)
         self.phase = epoch_phase(0, self.s, self.epochs)
-        self.log = get_logger("megarec.etegrec")
-        self._tb = None
 
     @property
     def model(self) -> ETEGRecModel:
-        assert self.data.model is not None, "build_model first"
-        return self.data.model
+        return super().model
 
     def on_epoch_start(self, epoch: int) -> None:
         self.phase = epoch_phase(epoch, self.s, self.epochs)
@@ -267,29 +260,9 @@ class Schedule:
         # its fp32 master copy only when it requires grad (engine.checkpoint.fp32_master).
         self.model.set_frozen(tokenizer=False, recommender=False)
 
-    def regenerate(self, first_epoch: int) -> dict[str, float]:
-        """New codes for every item from the current tokenizer (collective); logs ``codebook/*``."""
+    def new_codes(self) -> tuple[torch.Tensor, dict[str, Any]]:
         model = self.model
-        old = model.item_codes.clone()
-        new, stats = item_codes(model.tokenizer, model.item_emb.to(model.tokenizer_dtype()), self.data.item_keys,
-                                self.s)
-        model.item_codes.copy_(new.to(model.item_codes.device))
-        model.codes_epoch.fill_(first_epoch)
-        scalars = code_stats(old.cpu(), new.cpu(), self.data.vocab.codebook_sizes, stats)
-        self.log.info("codes regenerated for epoch %d: change rate %.4f, collision rate %.4f", first_epoch,
-                      scalars["change_rate"], scalars["collision_rate"])
-        self._scalars(scalars, first_epoch * self.steps_per_epoch)
-        return scalars
-
-    def _scalars(self, values: dict[str, float], step: int) -> None:
-        if not is_main_process():
-            return
-        if self._tb is None:
-            from megarec.engine.tb import TBLogger
-
-            self._tb = TBLogger(Path(self.cfg.train.run_dir) / "tb" / "codebook")
-        self._tb.scalars(values, step, prefix="codebook/")
-        self._tb.flush()
+        return item_codes(model.tokenizer, model.item_emb.to(model.tokenizer_dtype()), self.data.item_keys, self.s)
 
     def loss(self, engine, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         terms = engine(batch["input_ids"], batch["attention_mask"], batch["labels"], batch["targets"])

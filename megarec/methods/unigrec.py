@@ -27,7 +27,6 @@ code regeneration and its statistics, the teacher stage) come from
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Sequence
@@ -40,12 +39,12 @@ from megarec.data.code_vocab import CodeVocab
 from megarec.data.domain import DataError, Domain, MultiDomain
 from megarec.data.embeddings import load_item_embeddings
 from megarec.data.splits import leave_one_out
-from megarec.distributed import get_logger, get_world_size, is_main_process
 from megarec.engine.checkpoint import load_state_dict_into
 from megarec.engine.trainer import TrainTask
 from megarec.methods import etegrec_data as shared
 from megarec.methods.etegrec import evaluate as evaluate_on_codes
 from megarec.methods.base import Method
+from megarec.methods.code_regeneration import CodeRegeneration
 from megarec.methods.unigrec_losses import joint_loss
 from megarec.methods.unigrec_model import UniGRecModel, UniGRecTerms
 from megarec.recommender.t5 import GenerativeRecommender, T5RecConfig
@@ -211,20 +210,17 @@ def combine(terms: UniGRecTerms, s: UniGRecConfig) -> dict[str, torch.Tensor]:
             "uniformity": terms.uniformity}
 
 
-class Schedule:
+class Schedule(CodeRegeneration):
     """Epoch hooks: hard codes regenerated from the tokenizer after every epoch (targets, tries),
     ``codebook/*`` scalars (per-level usage and perplexity, collision rate, change rate)."""
 
     def __init__(self, cfg: "TrainRecConfig", data: UniGRecData, num_samples: int) -> None:
-        self.cfg, self.data, self.s = cfg, data, cfg.unigrec
-        self.steps_per_epoch = math.ceil(math.ceil(num_samples / get_world_size()) / cfg.train.batch_size)
-        self.log = get_logger("megarec.unigrec")
-        self._tb = None
+        super().__init__(cfg, data, num_samples, "megarec.unigrec")
+        self.s: UniGRecConfig = cfg.unigrec
 
     @property
     def model(self) -> UniGRecModel:
-        assert self.data.model is not None, "build_model first"
-        return self.data.model
+        return super().model
 
     @property
     def regenerates(self) -> bool:
@@ -233,7 +229,7 @@ class Schedule:
     def on_epoch_start(self, epoch: int) -> None:
         if epoch == 0:
             codes = self.model.item_codes.cpu()
-            self._scalars(shared.code_stats(codes, codes, self.data.vocab.codebook_sizes, self.data.code_stats), 0)
+            self.log_codebook(shared.code_stats(codes, codes, self.data.vocab.codebook_sizes, self.data.code_stats), 0)
         # Codes of epoch e are made at the end of epoch e - 1 and saved with its checkpoint; if
         # a run stopped between the two, they are regenerated now from the same weights.
         elif self.regenerates and int(self.model.codes_epoch) < epoch:
@@ -243,27 +239,8 @@ class Schedule:
         if self.regenerates:
             self.regenerate(epoch + 1)
 
-    def regenerate(self, first_epoch: int) -> dict[str, float]:
-        model = self.model
-        old = model.item_codes.clone()
-        new, stats = item_codes(model.tokenizer, model.item_emb, self.data.item_keys, self.s)
-        model.item_codes.copy_(new.to(model.item_codes.device))
-        model.codes_epoch.fill_(first_epoch)
-        scalars = shared.code_stats(old.cpu(), new.cpu(), self.data.vocab.codebook_sizes, stats)
-        self.log.info("codes regenerated for epoch %d: change rate %.4f, collision rate %.4f", first_epoch,
-                      scalars["change_rate"], scalars["collision_rate"])
-        self._scalars(scalars, first_epoch * self.steps_per_epoch)
-        return scalars
-
-    def _scalars(self, values: dict[str, float], step: int) -> None:
-        if not is_main_process():
-            return
-        if self._tb is None:
-            from megarec.engine.tb import TBLogger
-
-            self._tb = TBLogger(Path(self.cfg.train.run_dir) / "tb" / "codebook")
-        self._tb.scalars(values, step, prefix="codebook/")
-        self._tb.flush()
+    def new_codes(self) -> tuple[torch.Tensor, dict[str, Any]]:
+        return item_codes(self.model.tokenizer, self.model.item_emb, self.data.item_keys, self.s)
 
     def loss(self, engine, b: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         terms = engine(b["items"], b["counts"], b["input_ids"], b["attention_mask"], b["labels"], b["targets"])
