@@ -44,12 +44,13 @@ from megarec.data.codes import CodesFile
 from megarec.data.domain import DataError, Domain, MultiDomain
 from megarec.data.embeddings import load_item_embeddings
 from megarec.data.splits import leave_one_out
-from megarec.engine.checkpoint import load_state_dict_into
 from megarec.engine.trainer import TrainTask
 from megarec.methods.base import Method
 from megarec.methods.code_regeneration import CodeRegeneration
 from megarec.methods.etegrec_data import (CodeTable, HistorySamples, concat_history_samples, history_samples,
-                                          item_codes, pretrain_tokenizer, teacher_embeddings, vocab_sizes)
+                                          item_codes, pretrain_tokenizer, teacher_embeddings, trained_recommender,
+                                          vocab_sizes)
+from megarec.methods.etegrec_data import trained_codes as shared_trained_codes
 from megarec.methods.etegrec_model import ETEGRecModel, ETEGRecTerms
 from megarec.methods.evaluation import evaluate_domains
 from megarec.recommender.beam_search import beam_search
@@ -289,32 +290,14 @@ def trained_codes(cfg: "TrainRecConfig", state: dict[str, torch.Tensor], multi: 
     for the paper's 'w/o ETE' ablation, a TIGER trained on ETEGRec's final codes
     (``trained_codes(...).save(path)``, then ``megarec train-rec --method tiger --data.codes path``)."""
     s: ETEGRecConfig = cfg.etegrec
-    if "item_codes" not in state:
-        raise DataError("the trained model has no item_codes: not an etegrec model")
-    codes = state["item_codes"].long().numpy()
-    if len(codes) != multi.num_items:
-        raise DataError(f"the model holds codes for {len(codes)} items, the data has {multi.num_items}")
-    levels = sum(1 for k in state if k.startswith("tokenizer.quantizer.codebook_"))
-    sizes = [int(state[f"tokenizer.quantizer.codebook_{i}"].shape[0]) for i in range(levels)]
-    dedup = s.collisions == "dedup"
-    return CodesFile(multi.item_keys(), codes, sizes + ([s.collision_codes] if dedup else []), dedup_level=dedup,
-                     stats={"source": "etegrec", "codes_epoch": int(state.get("codes_epoch", torch.tensor(-1)))})
+    return shared_trained_codes(state, multi, s.collisions, s.collision_codes, "etegrec")
 
 
 def load_recommender(cfg: "TrainRecConfig", state: dict[str, torch.Tensor], multi: MultiDomain,
                      candidates: np.ndarray):
     """The trained recommender and the codes it was selected with (both in ``model.safetensors``)."""
-    from megarec.methods.tiger import TigerRecommender
-
-    s: ETEGRecConfig = cfg.etegrec
-    cf = trained_codes(cfg, state, multi)
-    codes = cf.codes
-    vocab = CodeVocab(cf.codebook_sizes)
-    model = GenerativeRecommender(s.t5, vocab)
-    prefix = "recommender."
-    load_state_dict_into(model, {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)},
-                         source="the trained model")
-    return TigerRecommender(model, candidates, vocab.item_tokens(codes), cfg.data.max_len, cfg.train.beam_size)
+    return trained_recommender(cfg.etegrec.t5, state, trained_codes(cfg, state, multi), candidates,
+                               cfg.data.max_len, cfg.train.beam_size)
 
 
 class ETEGRecMethod(Method):

@@ -39,7 +39,6 @@ from megarec.data.code_vocab import CodeVocab
 from megarec.data.domain import DataError, Domain, MultiDomain
 from megarec.data.embeddings import load_item_embeddings
 from megarec.data.splits import leave_one_out
-from megarec.engine.checkpoint import load_state_dict_into
 from megarec.engine.trainer import TrainTask
 from megarec.methods import etegrec_data as shared
 from megarec.methods.etegrec import evaluate as evaluate_on_codes
@@ -265,22 +264,9 @@ def make_task(cfg: "TrainRecConfig", data: UniGRecData, device: torch.device, me
 def load_recommender(cfg: "TrainRecConfig", state: dict[str, torch.Tensor], multi: MultiDomain,
                      candidates: np.ndarray):
     """The trained T5 and the hard codes it was selected with (both in ``model.safetensors``)."""
-    from megarec.methods.tiger import TigerRecommender
-
     s: UniGRecConfig = cfg.unigrec
-    if "item_codes" not in state:
-        raise DataError("the trained model has no item_codes: not a unigrec model")
-    codes = state["item_codes"].long().numpy()
-    if len(codes) != multi.num_items:
-        raise DataError(f"the model holds codes for {len(codes)} items, the data has {multi.num_items}")
-    levels = sum(1 for k in state if k.startswith("tokenizer.quantizer.codebook_"))
-    sizes = [int(state[f"tokenizer.quantizer.codebook_{i}"].shape[0]) for i in range(levels)]
-    vocab = CodeVocab(sizes + ([s.collision_codes] if s.collisions == "dedup" else []))
-    model = GenerativeRecommender(s.t5, vocab)
-    prefix = "recommender."
-    load_state_dict_into(model, {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)},
-                         source="the trained model")
-    return TigerRecommender(model, candidates, vocab.item_tokens(codes), cfg.data.max_len, cfg.train.beam_size)
+    codes = shared.trained_codes(state, multi, s.collisions, s.collision_codes, "unigrec")
+    return shared.trained_recommender(s.t5, state, codes, candidates, cfg.data.max_len, cfg.train.beam_size)
 
 
 # --------------------------------------------------------------------------- pipeline stages
