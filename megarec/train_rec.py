@@ -306,20 +306,10 @@ def parse_args(argv: Sequence[str] | None = None) -> Any:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    from megarec.data.domain import DataError
+    from megarec.entry_point import script_main
 
-    try:
-        cfg = parse_args(argv)
-        result = run(cfg)
-    except (ConfigError, DataError) as e:
-        print(f"train_rec: error: {e}", file=sys.stderr)
-        return 2
-    from megarec.distributed import is_main_process
-
-    if is_main_process():
-        print(json.dumps({"test": result["test"], "best_epoch": result["best_epoch"],
-                          "train_s": round(result["train_s"], 2)}))
-    return 0
+    return script_main("train_rec", parse_args, run, lambda r: {
+        "test": r["test"], "best_epoch": r["best_epoch"], "train_s": round(r["train_s"], 2)}, argv)
 
 
 if __name__ == "__main__":

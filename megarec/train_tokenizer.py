@@ -354,20 +354,11 @@ def parse_args(argv: Sequence[str] | None = None) -> TrainTokenizerConfig:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    from megarec.data.domain import DataError
+    from megarec.entry_point import script_main
 
-    try:
-        cfg = parse_args(argv)
-        result = run(cfg)
-    except (ConfigError, DataError) as e:
-        print(f"train_tokenizer: error: {e}", file=sys.stderr)
-        return 2
-    from megarec.distributed import is_main_process
-
-    if is_main_process():
-        print(json.dumps({"global_step": result["global_step"], "train_s": round(result["train_s"], 2),
-                          "heldout_collision_rate": result["heldout_collision_rate"]}))
-    return 0
+    return script_main("train_tokenizer", parse_args, run, lambda r: {
+        "global_step": r["global_step"], "train_s": round(r["train_s"], 2),
+        "heldout_collision_rate": r["heldout_collision_rate"]}, argv)
 
 
 if __name__ == "__main__":
