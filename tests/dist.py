@@ -107,6 +107,11 @@ def wait_ok(proc, log, timeout: float = 400) -> None:
     assert rc == 0, f"exit {rc}; log:\n{log.read_text()[-4000:]}"
 
 
+def last_checkpoint_before(step: int, save_every: int, steps_per_epoch: int) -> int:
+    """The last step <= ``step`` that the trainer checkpoints: every ``save_every`` steps and at each epoch end."""
+    return max(s for s in range(1, step + 1) if s % save_every == 0 or s % steps_per_epoch == 0)
+
+
 def full_and_resumed_runs(root, entry: str, common: list[str], hang_at: int, resume_cli: bool = False) -> dict:
     """The exact-resume experiment every distributed trainer test runs: an uninterrupted job
     (``root/full``) and, side by side, the same job SIGKILLed right after step ``hang_at``

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from tests.test_etegrec import make_inputs
-from tests.dist import full_and_resumed_runs, zero3_config
+from tests.dist import full_and_resumed_runs, last_checkpoint_before, zero3_config
 from tests.test_train_rec_dist import _scalars
 
 pytestmark = pytest.mark.slow
@@ -29,7 +29,7 @@ def runs(tmp_path_factory):
     inp = make_inputs(root)
     spe = batches_per_epoch(len(leave_one_out(read_domain(inp["domain"])).train), BATCH, 2)
     hang_at = 2 * spe + 3                       # mid epoch 2 (a tokenizer epoch), one step past a checkpoint
-    last_ckpt = max(s for s in range(1, hang_at + 1) if s % SAVE_EVERY == 0 or s % spe == 0)
+    last_ckpt = last_checkpoint_before(hang_at, SAVE_EVERY, spe)
     common = ["--deepspeed", zero3_config(root / "z3.json"), "--profile", "tiny", "--method", "etegrec",
               "--data.paths", str(inp["domain"]), "--etegrec.embeddings", str(inp["emb"]),
               "--etegrec.tokenizer", str(inp["tok"]), "--train.epochs", str(EPOCHS),

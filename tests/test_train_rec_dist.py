@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.dist import full_and_resumed_runs, zero3_config
+from tests.dist import full_and_resumed_runs, last_checkpoint_before, zero3_config
 from tests.test_train_rec import write_codes, write_domain
 
 pytestmark = pytest.mark.slow
@@ -33,7 +33,7 @@ def runs(tmp_path_factory):
 
     spe = batches_per_epoch(len(leave_one_out(read_domain(a)).train), BATCH, WORLD)
     hang_at = spe + 5                                  # mid epoch 1, a few steps past a checkpoint
-    last_ckpt = max(s for s in range(1, hang_at + 1) if s % SAVE_EVERY == 0 or s % spe == 0)
+    last_ckpt = last_checkpoint_before(hang_at, SAVE_EVERY, spe)
     codes = write_codes(root / "codes.safetensors", [("A", 20)], [5, 4])
     common = ["--deepspeed", zero3_config(root / "z3.json"), "--profile", "tiny", "--method", "tiger",
               "--data.paths", str(a), "--data.codes", str(codes), "--train.epochs", str(EPOCHS),
