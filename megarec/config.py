@@ -51,6 +51,9 @@ class DataConfig:
                                           "title,features,categories for raw Amazon 2023, every text column for RecBole)")
     kcore: int | None = field(None, min=0, help="k-core filtering (none = the format's: 5 for raw Amazon 2023, "
                                                 "as read otherwise; 0 = as read)")
+    max_users: int = field(0, min=0, help="keep at most this many users of each domain: a uniform random subset "
+                                         "(fixed seed 0, the same for every run) with the items they use; for "
+                                         "fitting a CPU budget (0 = every user)")
 
 
 @dataclasses.dataclass

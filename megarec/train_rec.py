@@ -110,7 +110,8 @@ def read_domains(cfg: DataConfig) -> list:
 
     if not cfg.paths:
         raise ConfigError("data.paths: give at least one domain folder or file")
-    return [read_domain(p, kcore=cfg.kcore, text_fields=cfg.text_fields) for p in cfg.paths]
+    domains = [read_domain(p, kcore=cfg.kcore, text_fields=cfg.text_fields) for p in cfg.paths]
+    return [d.sample_users(cfg.max_users) for d in domains] if cfg.max_users else domains
 
 
 def _check_run_dir(cfg: Any, run_dir: Path) -> None:

@@ -11,7 +11,7 @@ import pytest
 from megarec.data.domain import DataError, MissingTextError
 from megarec.data.readers import detect_format, read_domain
 from megarec.data.readers.json_layout import write
-from megarec.data.sample import load_sample, sample_paths
+from megarec.data.sample import SAMPLE_DIR, load_sample, sample_paths
 
 
 def seqs_by_raw_id(domain) -> dict[str, list[str]]:
@@ -389,3 +389,27 @@ def test_kcore_argument_applies_to_every_format(tmp_path):
     assert read_domain(folder).num_users == 7  # as read by default
     d = read_domain(folder, kcore=5)
     assert d.num_users == 5 and sorted(d.item_ids) == [str(i) for i in range(6)]
+
+
+def test_max_users_keeps_a_fixed_uniform_subset_with_its_items():
+    """``data.max_users`` (``Domain.sample_users``): n distinct users in their original order, the same ones
+    on every call, each with its own sequence; only the items they use, re-indexed; n >= users is a no-op."""
+    from megarec.config import DataConfig
+    from megarec.train_rec import read_domains
+
+    full = next(d for d in load_sample() if d.name == "Scientific")
+    a, b = full.sample_users(50), full.sample_users(50)
+    assert a.users == b.users and len(a.users) == len(set(a.users)) == 50
+    pos = {u: i for i, u in enumerate(full.users)}
+    order = [pos[u] for u in a.users]
+    assert order == sorted(order) and order != list(range(50))          # drawn, not the first 50
+    for u, seq in zip(a.users, a.sequences):
+        assert [a.item_ids[i] for i in seq] == [full.item_ids[i] for i in full.sequences[pos[u]]]
+    used = {full.item_ids[i] for u in a.users for i in full.sequences[pos[u]]}
+    assert set(a.item_ids) == used and a.num_items < full.num_items
+    assert a.item_text == [full.item_text[full.item_ids.index(i)] for i in a.item_ids]
+    assert full.sample_users(full.num_users) is full and full.sample_users(50, seed=1).users != a.users
+    with pytest.raises(ValueError, match="positive"):
+        full.sample_users(0)
+    (cut,) = read_domains(DataConfig(paths=[str(SAMPLE_DIR / "Scientific")], max_users=50))
+    assert cut.users == a.users

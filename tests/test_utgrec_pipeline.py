@@ -215,3 +215,62 @@ def test_every_profile_stage_is_a_valid_config(env, tmp_path):
             assert (rec.train.lr, rec.train.epochs, cfg.train.lr) == (5e-3, 50, 3e-3)
         else:
             assert pre.utgrec.encoder.backend == "text"
+
+
+def test_seeds_share_one_pretraining_and_the_pretrain_users_are_capped(env, monkeypatch):
+    """tools/reproduce.py with two seeds: tokenizer and T5 are pre-trained once (first seed, in
+    OUT/PROFILE/pretrain/utgrec/A+B, on ``utgrec.pretrain_max_users`` users of each domain); each seed
+    fine-tunes both on the target with its own seed."""
+    import megarec.train_rec
+    import megarec.train_tokenizer
+    from megarec.config import load_config
+    from megarec.train_rec import TrainRecConfig
+
+    calls: dict[str, list[str]] = {"tok": [], "rec": []}
+    for mod, key in ((megarec.train_tokenizer, "tok"), (megarec.train_rec, "rec")):
+        real = mod.run
+        monkeypatch.setattr(mod, "run", lambda c, real=real, key=key: calls[key].append(c.train.run_dir) or real(c))
+    p, out = env["paths"], env["root"] / "shared"
+    assert load_tool("reproduce").main(
+        ["--data", str(p["T"]), "--pretrain", str(p["B"]), str(p["A"]), "--methods", "utgrec", "--profile", "tiny",
+         "--seeds", "7,8", "--out", str(out), "--no_progress", "--set", "utgrec.pretrain_max_users", "20"]) == 0
+    pre = out / "tiny" / "pretrain" / "utgrec" / "A+B"
+    assert [Path(d).name for d in calls["tok"]] == ["tokenizer_pretrain", "tokenizer_finetune", "tokenizer_finetune"]
+    assert [Path(d).parent.name for d in calls["rec"]] == ["A+B", "seed7", "seed8"]   # rec_pretrain, rec, rec
+    assert len(_codes(pre / "tokenizer_pretrain" / "codes.safetensors").item_keys) <= 40
+    settings = json.loads((pre / "rec_pretrain" / "stage.json").read_text())["settings"]["rec"]
+    assert settings["train"]["seed"] == 7 and settings["data"]["max_users"] == 20
+    for seed in (7, 8):
+        run = out / "tiny" / "T" / "utgrec" / f"seed{seed}"
+        assert not (run / "tokenizer_pretrain").exists() and not (run / "rec_pretrain").exists()
+        ft = json.loads((run / "tokenizer_finetune" / "stage.json").read_text())["settings"]["tokenizer"]
+        assert ft["train"]["seed"] == seed
+        cfg = load_config(TrainRecConfig, run / "rec" / "config.yaml")
+        assert cfg.train.init_from == str((pre / "rec_pretrain" / "model").resolve()) and cfg.train.seed == seed
+    from megarec.train_rec import read_domains
+    pre_cfg = load_config(TrainRecConfig, pre / "rec_pretrain" / "config.yaml")
+    assert [len(d.users) for d in read_domains(pre_cfg.data)] == [20, 20]   # of 30 each
+
+
+def test_runs_sharing_a_stage_folder_take_turns(tmp_path):
+    """Two runs reaching one shared stage at once: the second waits for the first and reuses its result."""
+    import threading
+    import time
+
+    from megarec.methods.utgrec import run_stage
+
+    done, results = [], []
+
+    def work(_: bool) -> dict:
+        done.append(1)
+        time.sleep(0.5)
+        return {"value": len(done)}
+
+    threads = [threading.Thread(target=lambda: results.append(run_stage(tmp_path / "stage", {"k": 1}, work)))
+               for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(done) == 1
+    assert sorted(r["reused"] for r in results) == [False, True] and {r["value"] for r in results} == {1}

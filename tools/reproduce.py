@@ -17,7 +17,10 @@ validation NDCG@10 with early stopping, one test pass at the best epoch.
 - ``utgrec``: UTGRec's transfer pipeline (docs/README_utgrec.md): tokenizer and T5 pre-trained
   on the ``--pretrain`` domains (the dataset itself is left out of them), both fine-tuned on the
   dataset; ``utgrec-nopt`` (an alias, :data:`ALIASES`): the same with no pre-training (the
-  paper's "w/o PT": tokenizer trained on the dataset only, T5 from scratch).
+  paper's "w/o PT": tokenizer trained on the dataset only, T5 from scratch). The pre-training
+  runs once per set of pre-training domains, with the first seed, in ``OUT/PROFILE/pretrain/``
+  (as one pre-trained model is transferred to many targets); the seeds vary everything on the
+  target (tokenizer fine-tuning, T5 fine-tuning). ``--pretrain_per_seed`` pre-trains per seed.
 
 Profiles (``megarec/configs/<method>/<profile>.yaml``): ``paper`` (the papers' sizes: T5 6+6 layers,
 d_model 128; GPU), ``cpu-small`` (TIGER: T5 2+2 layers, d_model 64, length-grouped batches of 64,
@@ -57,16 +60,27 @@ def resolve_method(name: str) -> tuple[str, list[tuple[str, str]]]:
     return ALIASES.get(name, (name, []))
 
 
-def pretrain_overrides(method: str, pretrain: list[str], target: str) -> list[tuple[str, str]]:
+def pretrain_overrides(method: str, pretrain: list[str], target: str,
+                       shared: tuple[Path, int] | None = None) -> list[tuple[str, str]]:
     """``--pretrain`` as an override of the plug-in's ``pretrain_key`` (e.g. ``utgrec.pretrain_paths``),
-    the target itself left out; nothing for methods without pre-training domains."""
+    the target itself left out; nothing for methods without pre-training domains. ``shared``
+    = ``(root, seed)``: the pre-training stages go to ``root/<method>/<domain+domain>`` with that seed
+    (the plug-in's ``pretrain_dir_key`` / ``pretrain_seed_key``), so the seeds of a table, and the
+    targets with the same pre-training domains, share one pre-training."""
+    from megarec.data.readers import read_domain
     from megarec.methods import get_method
 
-    key = getattr(get_method(method), "pretrain_key", None)
+    plugin = get_method(method)
+    key = getattr(plugin, "pretrain_key", None)
     if not key or not pretrain:
         return []
     others = [p for p in pretrain if Path(p).resolve() != Path(target).resolve()]
-    return [(key, ",".join(str(Path(p).resolve()) for p in others))]
+    over = [(key, ",".join(str(Path(p).resolve()) for p in others))]
+    if shared and getattr(plugin, "pretrain_dir_key", None) and others:
+        root, seed = shared
+        names = "+".join(sorted(read_domain(p).name for p in others))
+        over += [(plugin.pretrain_dir_key, str(root / method / names)), (plugin.pretrain_seed_key, str(seed))]
+    return over
 
 
 def main(argv=None) -> int:
@@ -78,6 +92,10 @@ def main(argv=None) -> int:
     ap.add_argument("--pretrain", nargs="+", default=[], metavar="PATH",
                     help="pre-training domains of methods that transfer (utgrec); each --data dataset is left "
                          "out of its own pre-training set")
+    ap.add_argument("--pretrain_per_seed", action="store_true",
+                    help="pre-train once per seed, in each seed's folder (default: once per set of pre-training "
+                         "domains, with the first seed, under OUT/PROFILE/pretrain/; the seeds vary the target's "
+                         "fine-tuning)")
     ap.add_argument("--profile", default="cpu-small", help="paper, cpu-small, quickstart or tiny")
     ap.add_argument("--seeds", default="2024", help="comma-separated seeds; several give a mean row too")
     ap.add_argument("--out", default="runs/reproduce", help="run folders go here")
@@ -111,6 +129,7 @@ def main(argv=None) -> int:
         except ConfigError as e:
             ap.error(f"--profile: {e}")
     rows, skipped = [], []
+    shared = None if args.pretrain_per_seed else (Path(args.out).resolve() / args.profile / "pretrain", seeds[0])
     for path in args.pretrain:
         read_domain(path)                        # fail on bad data before training anything
     for path in args.data:
@@ -120,7 +139,8 @@ def main(argv=None) -> int:
                 out = Path(args.out) / args.profile / name / method / f"seed{seed}"
                 base, alias_over = resolve_method(method)
                 over = [("train.seed", str(seed)), ("train.cpu_threads", str(args.cpu_threads)),
-                        *pretrain_overrides(base, args.pretrain, path), *[(k, v) for k, v in args.set], *alias_over]
+                        *pretrain_overrides(base, args.pretrain, path, shared),
+                        *[(k, v) for k, v in args.set], *alias_over]
                 if args.deepspeed:
                     over.append(("train.deepspeed", args.deepspeed))
                 t0 = time.perf_counter()

@@ -124,6 +124,17 @@ class Domain:
             text_fields=self.text_fields,
         )
 
+    def sample_users(self, n: int, seed: int = 0) -> "Domain":
+        """At most ``n`` users drawn uniformly without replacement (``seed`` fixed, so every run that
+        asks for the same ``n`` gets the same users), in their original order, with the items they use.
+        The result is not re-filtered: an item may keep fewer than k interactions."""
+        if n <= 0:
+            raise ValueError(f"sample_users: n must be positive, got {n}")
+        if n >= self.num_users:
+            return self
+        chosen = np.sort(np.random.default_rng(seed).choice(self.num_users, size=n, replace=False))
+        return self.subset_users(chosen.tolist())
+
 
 def kcore(domain: Domain, k: int = 5) -> Domain:
     """Repeat k-core filtering (users and items with >= k interactions) until stable."""

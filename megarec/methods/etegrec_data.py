@@ -159,6 +159,8 @@ def teacher_embeddings(cfg: "TrainRecConfig", out_dir: Path, settings: Sequence[
     base = [("train.seed", str(cfg.train.seed)), ("data.max_len", str(cfg.data.max_len))]
     if cfg.data.kcore is not None:
         base.append(("data.kcore", str(cfg.data.kcore)))
+    if cfg.data.max_users:
+        base.append(("data.max_users", str(cfg.data.max_users)))   # the teacher sees the run's users
     tcfg = pipeline_config("sasrec", cfg.data.paths, out_dir, profile,
                            base + [(k, _as_arg(v)) for k, v in opts.items()], progress)
     fingerprint = settings_fingerprint({k: v for k, v in to_dict(tcfg).items() if k != "train"}

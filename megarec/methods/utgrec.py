@@ -25,6 +25,7 @@ settings, resumes an unfinished one from its checkpoints, and redoes one whose s
 from __future__ import annotations
 
 import dataclasses
+import fcntl
 import hashlib
 import json
 import shutil
@@ -59,6 +60,13 @@ class UTGRecRecConfig:
                                       help="domains (folders or files) the tokenizer and the T5 are pre-trained on "
                                            "before fine-tuning on data.paths (pipeline only; empty = no pre-training, "
                                            "the utgrec-nopt ablation)")
+    pretrain_dir: str = field("", help="folder of the pre-training stages (shards/pretrain, tokenizer_pretrain, "
+                                       "rec_pretrain); empty = the run's own folder. Runs that share it (seeds, "
+                                       "targets) share one pre-training: a stage is reused when its settings match")
+    pretrain_seed: int = field(-1, min=-1, help="seed of the pre-training stages (-1 = train.seed); fix it to share "
+                                                "one pre-training between runs of different seeds")
+    pretrain_max_users: int = field(0, min=0, help="data.max_users of the pre-training domains: at most this many "
+                                                   "users of each, a fixed random subset (0 = all)")
 
 
 # --------------------------------------------------------------------------- stage bookkeeping
@@ -83,7 +91,16 @@ def run_stage(folder: Path, settings: dict[str, Any], work: Callable[[bool], dic
     A finished stage with the same settings is skipped (its recorded result is returned with
     ``"reused": True``); an unfinished one with the same settings is continued (``resume=True``:
     the trainers load their latest checkpoint, if any); a folder made with other settings is
-    deleted and the stage redone. Returns the stage's result (JSON-serialisable)."""
+    deleted and the stage redone. Runs sharing a folder (``utgrec.pretrain_dir``) take turns: the
+    stage holds an exclusive lock (``<folder>.lock``) while it checks and runs, so a second run waits
+    and then reuses the first one's result. Returns the stage's result (JSON-serialisable)."""
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    with open(folder.with_name(folder.name + ".lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)   # released when the file closes, also if this process dies
+        return _run_stage_locked(folder, settings, work)
+
+
+def _run_stage_locked(folder: Path, settings: dict[str, Any], work: Callable[[bool], dict[str, Any]]) -> dict[str, Any]:
     log = get_logger("megarec.utgrec")
     fp = fingerprint(settings)
     stamp = folder / STAMP
@@ -133,12 +150,13 @@ def build_shards(domains: Sequence[Domain], folder: Path, settings: Sequence[tup
 
 
 def tokenizer_config(cfg: "TrainRecConfig", shards: Path, run_dir: Path, settings: Sequence[tuple[str, Any]],
-                     forced: Sequence[tuple[str, str]] = ()) -> Any:
-    """A ``train_tokenizer.py`` config: :data:`TOKENIZER_DEFAULTS` < the run's seed / threads / text fields <
-    ``settings`` (a profile's ``stages.tokenizer`` keys, CLI strings or YAML values) < ``forced``."""
+                     forced: Sequence[tuple[str, str]] = (), seed: int | None = None) -> Any:
+    """A ``train_tokenizer.py`` config: :data:`TOKENIZER_DEFAULTS` < the run's seed (or ``seed``) / threads /
+    text fields < ``settings`` (a profile's ``stages.tokenizer`` keys, CLI strings or YAML values) < ``forced``."""
     from megarec.train_tokenizer import TrainTokenizerConfig
 
-    base = [("train.seed", str(cfg.train.seed)), ("train.cpu_threads", str(cfg.train.cpu_threads)),
+    seed = cfg.train.seed if seed is None else seed
+    base = [("train.seed", str(seed)), ("train.cpu_threads", str(cfg.train.cpu_threads)),
             ("train.progress", str(cfg.train.progress))]
     if cfg.data.text_fields:
         base.append(("data.text_fields", _as_arg(cfg.data.text_fields)))
@@ -185,11 +203,16 @@ def train_tokenizer_stage(tok_cfg: Any, upstream: Sequence[str]) -> tuple[Path, 
 
 def rec_pretrain_config(cfg: "TrainRecConfig", paths: Sequence[str], codes: Path, run_dir: Path,
                         settings: Sequence[tuple[str, Any]]) -> Any:
-    """The T5 pre-training run: the target run's config on the pre-training domains and their codes, no
-    pre-training of its own, then the ``stages.rec_pretrain`` keys (e.g. ``train.epochs``, ``train.lr``)."""
+    """The T5 pre-training run: the target run's config on the pre-training domains (``utgrec.pretrain_max_users``
+    of each) and their codes, with the pre-training seed and no pre-training of its own, then the
+    ``stages.rec_pretrain`` keys (e.g. ``train.epochs``, ``train.lr``). Nothing of the target is left in it,
+    so runs on other targets or seeds that share ``utgrec.pretrain_dir`` get the same settings."""
     from megarec.train_rec import TrainRecConfig
 
-    over = [("data.paths", ",".join(paths)), ("data.codes", str(codes)), ("utgrec.pretrain_paths", ""),
+    over = [("data.paths", ",".join(paths)), ("data.codes", str(codes)),
+            ("data.max_users", str(cfg.utgrec.pretrain_max_users)), ("train.seed", str(pretrain_seed(cfg))),
+            ("utgrec.pretrain_paths", ""), ("utgrec.pretrain_dir", ""), ("utgrec.pretrain_seed", "-1"),
+            ("utgrec.pretrain_max_users", "0"),
             ("train.init_from", ""), ("train.resume", "false"), ("train.run_dir", str(run_dir))]
     return load_config(TrainRecConfig, None, over + [(k, _as_arg(v)) for k, v in settings],
                        base=[("the utgrec run config", to_dict(cfg))])
@@ -213,6 +236,11 @@ def rec_pretrain_stage(rcfg: Any, upstream: Sequence[str]) -> tuple[Path, dict[s
                 "epochs_run": res.get("epochs_run"), "train_s": res.get("train_s")}
 
     return folder, run_stage(folder, spec, work)
+
+
+def pretrain_seed(cfg: "TrainRecConfig") -> int:
+    """The seed of the pre-training stages: ``utgrec.pretrain_seed``, or the run's seed when -1."""
+    return cfg.train.seed if cfg.utgrec.pretrain_seed < 0 else cfg.utgrec.pretrain_seed
 
 
 def _check_domains(pretrain: Sequence[Domain], target: Sequence[Domain]) -> None:
@@ -246,7 +274,8 @@ def utgrec_pipeline(cfg: "TrainRecConfig", domains: Sequence[Domain], out_dir: P
     out_dir = Path(out_dir)
     tok_keys = list(stages.get("tokenizer", []))
     paths = [str(Path(p).resolve()) for p in cfg.utgrec.pretrain_paths]
-    pretrain = read_domains(dataclasses.replace(cfg.data, paths=paths)) if paths else []
+    pretrain = (read_domains(dataclasses.replace(cfg.data, paths=paths, max_users=cfg.utgrec.pretrain_max_users))
+                if paths else [])
     _check_domains(pretrain, domains)
     targets = [d.name for d in domains]
     out: dict[str, Any] = {}
@@ -258,11 +287,12 @@ def utgrec_pipeline(cfg: "TrainRecConfig", domains: Sequence[Domain], out_dir: P
         folder, out["tokenizer"] = train_tokenizer_stage(tok, [out["shards_target"]["fingerprint"]])
         cfg.data.codes = str((folder / CODES).resolve())
         return out
-    pre_shards, out["shards_pretrain"] = build_shards(pretrain, out_dir / "shards" / "pretrain",
+    pre_dir = Path(cfg.utgrec.pretrain_dir).resolve() if cfg.utgrec.pretrain_dir else out_dir
+    pre_shards, out["shards_pretrain"] = build_shards(pretrain, pre_dir / "shards" / "pretrain",
                                                       stages.get("shards", []), cfg.data.max_len, progress)
-    tok = tokenizer_config(cfg, pre_shards, out_dir / "tokenizer_pretrain", tok_keys)
+    tok = tokenizer_config(cfg, pre_shards, pre_dir / "tokenizer_pretrain", tok_keys, seed=pretrain_seed(cfg))
     tok_dir, out["tokenizer_pretrain"] = train_tokenizer_stage(tok, [out["shards_pretrain"]["fingerprint"]])
-    rcfg = rec_pretrain_config(cfg, paths, (tok_dir / CODES).resolve(), out_dir / "rec_pretrain",
+    rcfg = rec_pretrain_config(cfg, paths, (tok_dir / CODES).resolve(), pre_dir / "rec_pretrain",
                                stages.get("rec_pretrain", []))
     rec_dir, out["rec_pretrain"] = rec_pretrain_stage(rcfg, [out["tokenizer_pretrain"]["fingerprint"]])
     ft = tokenizer_config(cfg, target_shards, out_dir / "tokenizer_finetune",
@@ -287,6 +317,8 @@ class UTGRecMethod(TigerMethod):
     config_cls = UTGRecRecConfig
     sections_used = ("tiger",)          # the T5 (GenerativeRecommender) settings
     pretrain_key = "utgrec.pretrain_paths"   # run-config key naming the pre-training domains (quickstart, reproduce)
+    pretrain_dir_key = "utgrec.pretrain_dir"     # where the pre-training stages go (shared between runs)
+    pretrain_seed_key = "utgrec.pretrain_seed"   # their seed (fixed when shared between seeds)
 
     def prepare_inputs(self, cfg: "TrainRecConfig", domains: Sequence[Domain], out_dir: Path,
                        stages: dict[str, Any], progress: bool = True) -> dict[str, Any]:
