@@ -273,23 +273,22 @@ def load_trained(model_dir: str | Path, domain: str | None = None) -> TrainedMod
 
 # --------------------------------------------------------------------------- command line
 def build_arg_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="train_rec.py", description=__doc__.split("\n\n")[0],
-                                epilog="Any config key can be overridden: --train.lr 3e-3 --data.paths a,b")
-    p.add_argument("--config", default=None, help="YAML config (TrainRecConfig); keys not given keep defaults")
-    p.add_argument("--deepspeed", default=None, help="DeepSpeed config JSON (sets train.deepspeed)")
-    p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in train.run_dir")
-    p.add_argument("--init_from", default=None, help="weights to fine-tune from (sets train.init_from)")
+    from megarec.entry_point import script_arg_parser
+
+    p = script_arg_parser("train_rec.py", __doc__.split("\n\n")[0],
+                          "Any config key can be overridden: --train.lr 3e-3 --data.paths a,b",
+                          "YAML config (TrainRecConfig); keys not given keep defaults",
+                          "weights to fine-tune from (sets train.init_from)")
     p.add_argument("--profile", default=None, help="preset of the method (megarec/configs/<method>/<profile>.yaml): "
                                                    "paper, cpu-small, quickstart, tiny; below --config and overrides")
-    p.add_argument("--local_rank", type=int, default=-1, help=argparse.SUPPRESS)  # set by the deepspeed launcher
     return p
 
 
 def parse_args(argv: Sequence[str] | None = None) -> Any:
-    from megarec.config import parse_overrides
+    from megarec.entry_point import script_overrides
 
     args, rest = build_arg_parser().parse_known_args(argv)
-    overrides = parse_overrides(rest)
+    overrides = script_overrides(args, rest)
     base = []
     if args.profile:
         # the profile belongs to the method the run will have: the command line's, else the file's
@@ -297,12 +296,6 @@ def parse_args(argv: Sequence[str] | None = None) -> Any:
         if method is None:
             method = load_config(TrainRecConfig, args.config).method
         base.append(profile_layer(method, args.profile))
-    if args.deepspeed:
-        overrides.append(("train.deepspeed", args.deepspeed))
-    if args.resume:
-        overrides.append(("train.resume", "true"))
-    if args.init_from:
-        overrides.append(("train.init_from", args.init_from))
     return load_config(TrainRecConfig, args.config, overrides, base=base)
 
 

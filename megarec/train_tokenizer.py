@@ -329,27 +329,19 @@ def _hang(tb, run_dir: Path, step: int) -> None:
 
 # --------------------------------------------------------------------------- command line
 def build_arg_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="train_tokenizer.py", description=__doc__.split("\n\n")[0],
-                                epilog="Any config key can be overridden: --train.lr 1e-4 --utgrec.loss.alpha 5")
-    p.add_argument("--config", default=None, help="YAML config (TrainTokenizerConfig)")
-    p.add_argument("--deepspeed", default=None, help="DeepSpeed config JSON (sets train.deepspeed)")
-    p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in train.run_dir")
-    p.add_argument("--init_from", default=None, help="pre-trained tokenizer to start from (sets train.init_from)")
-    p.add_argument("--local_rank", type=int, default=-1, help=argparse.SUPPRESS)
-    return p
+    from megarec.entry_point import script_arg_parser
+
+    return script_arg_parser("train_tokenizer.py", __doc__.split("\n\n")[0],
+                             "Any config key can be overridden: --train.lr 1e-4 --utgrec.loss.alpha 5",
+                             "YAML config (TrainTokenizerConfig)",
+                             "pre-trained tokenizer to start from (sets train.init_from)")
 
 
 def parse_args(argv: Sequence[str] | None = None) -> TrainTokenizerConfig:
-    from megarec.config import parse_overrides
+    from megarec.entry_point import script_overrides
 
     args, rest = build_arg_parser().parse_known_args(argv)
-    overrides = parse_overrides(rest)
-    if args.deepspeed:
-        overrides.append(("train.deepspeed", args.deepspeed))
-    if args.resume:
-        overrides.append(("train.resume", "true"))
-    if args.init_from:
-        overrides.append(("train.init_from", args.init_from))
+    overrides = script_overrides(args, rest)
     return load_config(TrainTokenizerConfig, args.config, overrides)
 
 

@@ -139,3 +139,69 @@ def full_and_resumed_runs(root, entry: str, common: list[str], hang_at: int, res
     wait_ok(p_full, root / "full.log")
     wait_ok(p_resume, root / "resume.log")
     return {"full": full, "cut": cut, "latest_at_kill": latest, "killed_files": killed_files}
+
+
+def tb_scalars(folder, tag: str) -> dict[int, float]:
+    """``step -> value`` of one TensorBoard scalar in the event files of ``folder``."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(folder))
+    acc.Reload()
+    return {e.step: e.value for e in acc.Scalars(tag)}
+
+
+def joint_method_runs(root, method: str, method_args: list[str], epochs: int, hang_at_epoch: int,
+                      eval_every: int, batch: int = 8, save_every: int = 2) -> dict:
+    """:func:`full_and_resumed_runs` of a joint method (ETEGRec, UniGRec) under ``train_rec.py`` on 2 ranks
+    with ZeRO-3, profile tiny: killed 3 steps into epoch ``hang_at_epoch`` (one step past a checkpoint),
+    resumed through the CLI. ``method_args``: the method's inputs (domain, tokenizer, teacher ...).
+    Returns the runs plus ``spe`` (steps per epoch) and ``last_ckpt`` (the step the resume starts at)."""
+    from megarec.data.readers import read_domain
+    from megarec.data.splits import leave_one_out
+    from megarec.engine.sampler import batches_per_epoch
+
+    domain = method_args[method_args.index("--data.paths") + 1]
+    spe = batches_per_epoch(len(leave_one_out(read_domain(domain)).train), batch, 2)
+    hang_at = hang_at_epoch * spe + 3
+    common = ["--deepspeed", zero3_config(root / "z3.json"), "--profile", "tiny", "--method", method, *method_args,
+              "--train.epochs", str(epochs), "--train.batch_size", str(batch), "--train.lr", "0.01",
+              "--train.eval_every", str(eval_every), "--train.save_every_steps", str(save_every),
+              "--train.log_every", "1", "--train.progress", "false", "--train.keep_checkpoints", "2"]
+    out = full_and_resumed_runs(root, "train_rec", common, hang_at, resume_cli=True)
+    return {**out, "spe": spe, "last_ckpt": last_checkpoint_before(hang_at, save_every, spe)}
+
+
+def assert_resumed_to_the_same_state(runs: dict, loss_tags: tuple[str, ...]) -> None:
+    """The resumed run of :func:`joint_method_runs` ends where the uninterrupted one does: same steps,
+    test metrics, validation history, exported weights and codes, last checkpoint (tokenizer included)
+    and every logged value of ``loss_tags``."""
+    import json
+
+    import pytest
+    import torch
+    from safetensors.torch import load_file
+
+    from megarec.engine.checkpoint import read_weights
+
+    full = json.loads((runs["full"] / "metrics.json").read_text())
+    cut = json.loads((runs["cut"] / "metrics.json").read_text())
+    assert runs["latest_at_kill"] == f"step{runs['last_ckpt']}"
+    assert cut["resumed_from_step"] == runs["last_ckpt"] and cut["global_step"] == full["global_step"]
+    for k in ("recall@5", "recall@10", "ndcg@5", "ndcg@10"):
+        assert cut["test"][k] == pytest.approx(full["test"][k], abs=1e-9), k
+    assert [h["ndcg@10"] for h in cut["valid_history"]] == pytest.approx([h["ndcg@10"] for h in full["valid_history"]])
+    w_full = load_file(str(runs["full"] / "model" / "model.safetensors"))
+    w_cut = load_file(str(runs["cut"] / "model" / "model.safetensors"))
+    assert w_full.keys() == w_cut.keys() and torch.equal(w_full["item_codes"], w_cut["item_codes"])
+    for k in w_full:
+        torch.testing.assert_close(w_cut[k], w_full[k], rtol=1e-5, atol=1e-6, msg=k)
+    c_full, _ = read_weights(runs["full"] / "checkpoints")      # the last epoch end, past the kill
+    c_cut, _ = read_weights(runs["cut"] / "checkpoints")
+    assert c_full.keys() == c_cut.keys() and "tokenizer.quantizer.codebook_0" in c_full
+    for k in c_full:
+        torch.testing.assert_close(c_cut[k], c_full[k], rtol=1e-5, atol=1e-6, msg=k)
+    for tag in loss_tags:
+        l_full, l_cut = tb_scalars(runs["full"] / "tb", tag), tb_scalars(runs["cut"] / "tb", tag)
+        assert sorted(l_cut) == sorted(l_full), tag
+        for s in l_full:
+            assert l_cut[s] == pytest.approx(l_full[s], rel=1e-5, abs=1e-6), (tag, s)

@@ -32,6 +32,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from tests.dist import tb_scalars
 from tests.slurm_cluster import SlurmCluster, missing_binaries
 from tests.test_train_rec import REPO, write_domain
 
@@ -133,14 +134,6 @@ def _log(run_dir: Path) -> str:
     return f.read_text()[-6000:] if f.is_file() else f"(no {f})"
 
 
-def _scalars(run: Path, tag: str) -> dict[int, float]:
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-
-    acc = EventAccumulator(str(run / "tb"))
-    acc.Reload()
-    return {e.step: e.value for e in acc.Scalars(tag)}
-
-
 # --------------------------------------------------------------------------- train_rec.sh
 @needs_slurm
 def test_train_rec_runs_on_two_nodes(rec_jobs):
@@ -154,7 +147,7 @@ def test_train_rec_runs_on_two_nodes(rec_jobs):
     files = {p.name for p in (run / "checkpoints" / latest).iterdir()}
     assert {"rng_rank0.pt", "rng_rank1.pt"} <= files     # a checkpoint written by two ranks
     assert (run / "model" / "model.safetensors").is_file()
-    assert sorted(_scalars(run, "loss/loss")) == list(range(1, total + 1))
+    assert sorted(tb_scalars(run / "tb", "loss/loss")) == list(range(1, total + 1))
     assert list(run.glob("tb/events.out.tfevents.*"))
     log = (run / "job.log").read_text()
     assert "ranks: 2 nodes x 1 = 2" in log
@@ -190,7 +183,7 @@ def test_preempted_job_requeues_and_resumes_exactly(rec_jobs):
     assert w_full.keys() == w_cut.keys()
     for k in w_full:
         torch.testing.assert_close(w_cut[k], w_full[k], rtol=1e-5, atol=1e-6, msg=k)
-    l_full, l_cut = _scalars(full, "loss/loss"), _scalars(cut, "loss/loss")
+    l_full, l_cut = tb_scalars(full / "tb", "loss/loss"), tb_scalars(cut / "tb", "loss/loss")
     assert sorted(l_cut) == sorted(l_full)
     for s in l_full:
         assert l_cut[s] == pytest.approx(l_full[s], rel=1e-5, abs=1e-6), s
@@ -363,7 +356,7 @@ def test_pretrain_tokenizer_runs_and_resumes_on_two_nodes(cluster, tmp_path):
     m = json.loads((run / "metrics.json").read_text())
     assert m["global_step"] == steps and m["resumed_from_step"] is None
     assert (run / "codes.safetensors").is_file() and (run / "model" / "model.safetensors").is_file()
-    assert sorted(_scalars(run, "loss/loss")) == list(range(1, steps + 1))
+    assert sorted(tb_scalars(run / "tb", "loss/loss")) == list(range(1, steps + 1))
     log = (run / "job.log").read_text()
     assert "ranks: 2 nodes x 1 = 2" in log and "megarec.train_tokenizer" in log and "--utgrec.codebook.dim 8" in log
     assert "ranks exited with status 0" in log

@@ -8,12 +8,11 @@ resumed one goes through ``megarec train-rec --launcher deepspeed``.
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pytest
 import torch
 
-from tests.dist import full_and_resumed_runs, last_checkpoint_before, zero3_config
+from tests.dist import full_and_resumed_runs, last_checkpoint_before, tb_scalars, zero3_config
 from tests.test_train_rec import write_codes, write_domain
 
 pytestmark = pytest.mark.slow
@@ -44,20 +43,12 @@ def runs(tmp_path_factory):
     return {**out, "spe": spe, "hang_at": hang_at, "last_ckpt": last_ckpt}
 
 
-def _scalars(run: Path, tag: str) -> dict[int, float]:
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-
-    acc = EventAccumulator(str(run / "tb"))
-    acc.Reload()
-    return {e.step: e.value for e in acc.Scalars(tag)}
-
-
 def test_zero3_two_ranks_train(runs):
     m = json.loads((runs["full"] / "metrics.json").read_text())
     total = EPOCHS * runs["spe"]
     assert m["global_step"] == total and m["epochs_run"] == EPOCHS
     assert m["test"]["count"] == 40                      # every user once, over both ranks
-    loss = _scalars(runs["full"], "loss/loss")
+    loss = tb_scalars(runs["full"] / "tb", "loss/loss")
     # a window closes every LOG_EVERY steps and at each epoch end
     spe = runs["spe"]
     assert sorted(loss) == sorted(set(range(LOG_EVERY, total + 1, LOG_EVERY)) | {spe * e for e in range(1, EPOCHS + 1)})
@@ -89,11 +80,11 @@ def test_killed_run_resumes_to_the_same_state(runs):
     # the loss curve (killed run up to its checkpoint + resumed run) is the uninterrupted one,
     # window by window (the window open at the checkpoint was saved with it)
     assert runs["last_ckpt"] % LOG_EVERY and runs["last_ckpt"] % runs["spe"]
-    l_full, l_cut = _scalars(runs["full"], "loss/loss"), _scalars(runs["cut"], "loss/loss")
+    l_full, l_cut = tb_scalars(runs["full"] / "tb", "loss/loss"), tb_scalars(runs["cut"] / "tb", "loss/loss")
     assert sorted(l_cut) == sorted(l_full)
     for s in l_full:
         assert l_cut[s] == pytest.approx(l_full[s], rel=1e-5, abs=1e-6), s
-    lr_full, lr_cut = _scalars(runs["full"], "train/lr"), _scalars(runs["cut"], "train/lr")
+    lr_full, lr_cut = tb_scalars(runs["full"] / "tb", "train/lr"), tb_scalars(runs["cut"] / "tb", "train/lr")
     assert all(lr_cut[s] == pytest.approx(lr_full[s], rel=1e-6) for s in lr_full)
 
 

@@ -19,6 +19,7 @@ from megarec.methods.unigrec import UniGRecConfig, UniGRecSamples, combine
 from megarec.methods.unigrec_losses import (code_log_probs, joint_loss, recommender_distillation,
                                             residual_log_probs, symmetric_kl)
 from megarec.methods.unigrec_model import UniGRecModel, UniGRecTerms, soft_history_embeddings
+from tests.dist import tb_scalars
 from tests.test_train_rec import write_domain
 
 TINY = ["--profile", "tiny", "--method", "unigrec"]
@@ -269,26 +270,18 @@ def trained(tmp_path_factory):
     return {"root": root, "run": root / "run", "result": run(cfg), **inp}
 
 
-def _scalars(run: Path, tag: str) -> dict[int, float]:
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-
-    acc = EventAccumulator(str(run))
-    acc.Reload()
-    return {e.step: e.value for e in acc.Scalars(tag)}
-
-
 def test_run_logs_every_term_and_codebook_statistics(trained):
     run, m = trained["run"], trained["result"]
     assert m["epochs_run"] == 3 and m["test"]["count"] == 40 and len(m["valid_history"]) == 2
     steps = m["global_step"]
     for tag in ("loss/loss", "loss/rec", "loss/recon", "loss/cd_t", "loss/cd_r", "loss/uniformity"):
-        assert len(_scalars(run / "tb", tag)) == steps, tag
+        assert len(tb_scalars(run / "tb", tag)) == steps, tag
     cb = run / "tb" / "codebook"
     spe = steps // 3
-    assert sorted(_scalars(cb, "codebook/change_rate")) == [0, spe, 2 * spe, 3 * spe]   # initial + each epoch end
+    assert sorted(tb_scalars(cb, "codebook/change_rate")) == [0, spe, 2 * spe, 3 * spe]   # initial + each epoch end
     for tag in ("codebook/usage_l1", "codebook/perplexity_l2", "codebook/collision_rate"):
-        assert len(_scalars(cb, tag)) == 4, tag
-    assert any(v > 0 for v in _scalars(cb, "codebook/change_rate").values())   # lr 1e-3 moves the tokenizer
+        assert len(tb_scalars(cb, tag)) == 4, tag
+    assert any(v > 0 for v in tb_scalars(cb, "codebook/change_rate").values())   # lr 1e-3 moves the tokenizer
 
 
 def test_exported_model_recommends_with_its_codes(trained):

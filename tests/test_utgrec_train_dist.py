@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.dist import full_and_resumed_runs, zero3_config
+from tests.dist import full_and_resumed_runs, tb_scalars, zero3_config
 from tests.utgrec_fixtures import tiny_models, tiny_overrides, write_sample_shards
 
 pytestmark = pytest.mark.slow
@@ -33,14 +33,6 @@ def runs(tmp_path_factory):
     return full_and_resumed_runs(root, "train_tokenizer", common, HANG_AT)
 
 
-def _scalars(run: Path, tag: str) -> dict[int, float]:
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-
-    acc = EventAccumulator(str(run / "tb"))
-    acc.Reload()
-    return {e.step: e.value for e in acc.Scalars(tag)}
-
-
 def test_zero3_two_ranks_train_and_export(runs):
     m = json.loads((runs["full"] / "metrics.json").read_text())
     assert m["global_step"] == STEPS and m["resumed_from_step"] is None
@@ -50,11 +42,11 @@ def test_zero3_two_ranks_train_and_export(runs):
     for tag in ("loss/loss", "loss/raw", "loss/code", "loss/ali", "loss/re", "loss/text", "loss/image",
                 "codebook/usage_l1", "codebook/perplexity_l3", "codebook/collision_rate", "perf/samples_per_s",
                 "perf/tokens_per_s"):
-        assert _scalars(runs["full"], tag), tag
-    assert sorted(_scalars(runs["full"], "loss/loss")) == list(range(LOG_EVERY, STEPS + 1, LOG_EVERY))
-    image = _scalars(runs["full"], "loss/image")
+        assert tb_scalars(runs["full"] / "tb", tag), tag
+    assert sorted(tb_scalars(runs["full"] / "tb", "loss/loss")) == list(range(LOG_EVERY, STEPS + 1, LOG_EVERY))
+    image = tb_scalars(runs["full"] / "tb", "loss/image")
     assert max(image.values()) > 0 and all(math.isfinite(v) for v in image.values())
-    assert _scalars(runs["full"], "codebook/restarts")[STEPS] > 0               # ZeRO-3 dead-code writes ran
+    assert tb_scalars(runs["full"] / "tb", "codebook/restarts")[STEPS] > 0               # ZeRO-3 dead-code writes ran
     from megarec.data.codes import CodesFile
 
     codes = CodesFile.load(runs["full"] / "codes.safetensors")
@@ -77,7 +69,7 @@ def test_killed_run_resumes_to_the_same_state(runs):
     assert w_full.keys() == w_cut.keys()
     for k in w_full:
         torch.testing.assert_close(w_cut[k], w_full[k], rtol=1e-5, atol=1e-6, msg=k)
-    l_full, l_cut = _scalars(runs["full"], "loss/loss"), _scalars(runs["cut"], "loss/loss")
+    l_full, l_cut = tb_scalars(runs["full"] / "tb", "loss/loss"), tb_scalars(runs["cut"] / "tb", "loss/loss")
     assert sorted(l_cut) == sorted(l_full)
     for s in l_full:
         assert l_cut[s] == pytest.approx(l_full[s], rel=1e-5, abs=1e-6), s

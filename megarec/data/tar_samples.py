@@ -76,6 +76,32 @@ def _pax_path(data: bytes) -> str | None:
     return path
 
 
+def tar_members(buf: bytes | mmap.mmap, path: str | Path, end: int) -> Iterator[tuple[str, int, int]]:
+    """``(name, data offset, size)`` of each regular-file member of the tar image ``buf[:end]``, PAX
+    ``path`` records and GNU long names applied, other member types skipped. Stops at the
+    end-of-archive marker or at ``end``; a corrupt header or truncated member data is a
+    :class:`TarError` (raised when the walk reaches it: the members before it were yielded)."""
+    offset, long_name = 0, None
+    while offset < end:
+        hdr = buf[offset:offset + BLOCK]
+        if hdr == _ZERO:
+            return
+        if len(hdr) < BLOCK:
+            raise TarError(f"{path} @ byte {offset}: truncated tar header")
+        name, size, kind = _parse_header(hdr, f"{path} @ byte {offset}")
+        start, offset = offset + BLOCK, offset + BLOCK + (size + BLOCK - 1) // BLOCK * BLOCK
+        if start + size > end:
+            raise TarError(f"{path} @ byte {start}: truncated tar data ({end - start} of {size} bytes)")
+        if kind in (b"x", b"L"):  # PAX extended header / GNU long name for the next member
+            data = buf[start:start + size]
+            long_name = _pax_path(data) if kind == b"x" else data.split(b"\0", 1)[0].decode("utf-8", "surrogateescape")
+            continue
+        if long_name is not None:
+            name, long_name = long_name, None
+        if kind in (b"0", b"\0", b"7"):
+            yield name, start, size
+
+
 def iter_samples(path: str | Path, skip: int = 0) -> Iterator[tuple[str, dict[str, bytes]]]:
     """Yield ``(key, {extension: bytes})`` per sample of a tar file, after the first ``skip``.
 
@@ -86,36 +112,24 @@ def iter_samples(path: str | Path, skip: int = 0) -> Iterator[tuple[str, dict[st
     (possibly incomplete: the decoder checks that a sample is whole).
     """
     index, key, sample = -1, None, None
-    long_name: str | None = None
     with open(path, "rb") as f:
         end = os.fstat(f.fileno()).st_size
         # One read-only mapping: headers and data are slices, skipping is offset arithmetic.
         buf = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) if end else b""
     try:
-        offset = 0
-        while offset < end:
-            hdr = buf[offset:offset + BLOCK]
-            if hdr == _ZERO:
-                break
+        members = tar_members(buf, path, end)
+        while True:
             try:
-                if len(hdr) < BLOCK:
-                    raise TarError(f"{path} @ byte {offset}: truncated tar header")
-                name, size, kind = _parse_header(hdr, f"{path} @ byte {offset}")
-                start, offset = offset + BLOCK, offset + BLOCK + (size + BLOCK - 1) // BLOCK * BLOCK
-                if start + size > end:
-                    raise TarError(f"{path} @ byte {start}: truncated tar data ({end - start} of {size} bytes)")
+                member = next(members, None)
             except TarError:
                 if sample is not None:  # what was read of it is intact; the decoder checks it is complete
                     yield key, sample
                 raise
-            if kind in (b"x", b"L"):  # PAX extended header / GNU long name for the next member
-                data = buf[start:start + size]
-                long_name = _pax_path(data) if kind == b"x" else data.split(b"\0", 1)[0].decode("utf-8", "surrogateescape")
-                continue
-            if long_name is not None:
-                name, long_name = long_name, None
+            if member is None:
+                break
+            name, start, size = member
             prefix, ext = base_plus_ext(name)
-            if kind not in (b"0", b"\0", b"7") or prefix is None:
+            if prefix is None:
                 continue
             if prefix != key:
                 if sample is not None:

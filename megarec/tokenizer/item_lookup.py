@@ -20,7 +20,7 @@ from webdataset.tariterators import base_plus_ext
 from megarec.data.domain import DataError
 from megarec.data.images import load_image
 from megarec.data.shard_format import IMAGE_EXTS, load_manifest, unsafe_key
-from megarec.data.tar_samples import BLOCK, _ZERO, _parse_header, _pax_path
+from megarec.data.tar_samples import tar_members
 
 
 def item_text(fields: dict, keep: Sequence[str] | None = None, sep: str = " ") -> str:
@@ -33,21 +33,9 @@ def _scan(path: str) -> list[tuple[str, dict[str, tuple[int, int]]]]:
     """``[(safe key, {ext: (offset, size)})]`` of a tar shard, from its headers only."""
     out: list[tuple[str, dict[str, tuple[int, int]]]] = []
     with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as buf:
-        offset, end, long_name = 0, len(buf), None
-        while offset + BLOCK <= end:
-            hdr = buf[offset:offset + BLOCK]
-            if hdr == _ZERO:
-                break
-            name, size, kind = _parse_header(hdr, f"{path} @ byte {offset}")
-            start, offset = offset + BLOCK, offset + BLOCK + (size + BLOCK - 1) // BLOCK * BLOCK
-            if kind in (b"x", b"L"):
-                data = buf[start:start + size]
-                long_name = _pax_path(data) if kind == b"x" else data.split(b"\0", 1)[0].decode("utf-8")
-                continue
-            if long_name is not None:
-                name, long_name = long_name, None
+        for name, start, size in tar_members(buf, path, len(buf)):
             prefix, ext = base_plus_ext(name)
-            if kind not in (b"0", b"\0", b"7") or prefix is None:
+            if prefix is None:
                 continue
             if not out or out[-1][0] != prefix:
                 out.append((prefix, {}))
