@@ -275,6 +275,7 @@ def run(cfg: TrainTokenizerConfig) -> dict[str, Any]:
                 rate = heldout_collisions()
                 tb.scalars({"collision_rate": rate}, gs, prefix="codebook/")
                 st["last"]["collision_rate"] = rate
+                log.info("step %d/%d %s held-out collision rate %.4f", gs, total, _summary(st["last"]), rate)
                 t0 = time.perf_counter()
             if gs % cfg.train.save_every_steps == 0 and gs < total:
                 checkpoint()
@@ -325,6 +326,12 @@ def _hang(tb, run_dir: Path, step: int) -> None:
 
     while not preemption.received():   # killed by the test, or (under a guard) preempted by a signal
         time.sleep(0.2)
+
+
+def _summary(last: dict[str, float]) -> str:
+    """The last logging window's losses and per-level perplexities, for the console / SLURM log."""
+    keys = ["loss", *sorted(k for k in last if k not in ("loss", "collision_rate") and not k.startswith("usage_"))]
+    return " ".join(f"{k} {last[k]:.4g}" for k in keys if k in last)
 
 
 # --------------------------------------------------------------------------- command line

@@ -75,11 +75,25 @@ def test_finetuning_freezes_E_and_exports_one_domain(env, pretrained):
 
 
 def test_text_backend_runs_with_real_minilm(env):
+    import logging
+
+    from megarec.distributed import get_logger
     from megarec.train_tokenizer import run
 
-    run_dir = env["root"] / "minilm"
-    result = run(_cfg(env, run_dir, [("train.max_steps", "2"), ("data.heldout_items", "8")], qwen=False))
+    lines: list[str] = []
+    handler = logging.Handler()
+    handler.emit = lambda record: lines.append(record.getMessage())
+    log = get_logger("megarec.train_tokenizer")
+    log.addHandler(handler)
+    try:
+        run_dir = env["root"] / "minilm"
+        result = run(_cfg(env, run_dir, [("train.max_steps", "2"), ("data.heldout_items", "8")], qwen=False))
+    finally:
+        log.removeHandler(handler)
     assert result["global_step"] == 2 and result["last"]["image"] > 0   # images still reach the diffusion loss
+    # without a progress bar (SLURM logs) each held-out evaluation is a console line
+    (line,) = [x for x in lines if x.startswith("step 2/2 ")]
+    assert "loss " in line and "perplexity_l1 " in line and "held-out collision rate" in line
 
 
 def _corrupt_one_image(shards: Path, out: Path) -> str:
