@@ -208,9 +208,9 @@ def test_tree_codes_and_code_loss_match_formulas():
     for l in range(1, 4):
         assert torch.equal(out.codes[:, l], brute_nearest(inc[:, l], Cf))       # Eq. 4, l > 1, shared leaf
     q = torch.stack([Cr[out.codes[:, 0]]] + [Cf[out.codes[:, l]] for l in range(1, 4)], 1)
-    # Eqs. 5-7 with the stop-gradients only changing gradients: value = (1 + beta) * squared error
-    lr = sum(((inc[i, 0] - q[i, 0]) ** 2).sum() * 1.25 for i in range(9)) / 9
-    lf = sum(((inc[i, l] - q[i, l]) ** 2).sum() * 1.25 for i in range(9) for l in range(1, 4)) / (9 * 3)
+    # Eqs. 5-7 with the stop-gradients only changing gradients: value = (1 + beta) * squared error, per element
+    lr = sum(((inc[i, 0] - q[i, 0]) ** 2).sum() * 1.25 for i in range(9)) / (9 * 3)
+    lf = sum(((inc[i, l] - q[i, l]) ** 2).sum() * 1.25 for i in range(9) for l in range(1, 4)) / (9 * 3 * 3)
     assert out.loss.item() == pytest.approx(0.5 * (lr + lf).item(), rel=1e-5)
     assert code_loss(inc, q, 0.25).item() == pytest.approx(out.loss.item(), rel=1e-6)
     # inverse prefix residual of the quantised increments: h^_1 = e^r W^r, h^_l = h^_{l-1} + e^f W^f

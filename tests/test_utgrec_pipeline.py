@@ -103,7 +103,7 @@ def test_finetuned_recommender_starts_from_the_pretrained_one(pipeline):
     scratch = GenerativeRecommender(cfg.tiger, CodeVocab(_codes(cfg.data.codes).codebook_sizes)).state_dict()
     keys = [k for k in final if k in scratch and final[k].is_floating_point()]
     dist = lambda a, b: sum(float((a[k].float() - b[k].float()).pow(2).sum()) for k in keys)  # noqa: E731
-    assert dist(final, pre) < 0.1 * dist(final, scratch)
+    assert dist(final, pre) < 0.25 * dist(final, scratch)     # squared distances: ~0.1 here, ~1 if not
 
 
 def test_rerun_reuses_finished_stages_and_redoes_changed_ones(env, pipeline):

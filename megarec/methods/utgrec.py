@@ -139,7 +139,8 @@ def build_shards(domains: Sequence[Domain], folder: Path, settings: Sequence[tup
         raise ConfigError(f"stages.shards: unknown keys {unknown}; valid keys: images, max_count")
     for d in domains:
         d.require_text("utgrec")
-    spec = {"shards": opts, "max_len": max_len, "domains": [domain_fingerprint(d) for d in domains]}
+    spec = {"shards": opts, "max_len": max_len, "domains": [domain_fingerprint(d) for d in domains],
+            "layout": "domains-interleaved"}   # write_shards' item order (shards of older layouts are rebuilt)
 
     def work(_: bool) -> dict[str, Any]:
         paths = write_shards(list(domains), folder, max_count=int(opts["max_count"]), images=str(opts["images"]),
