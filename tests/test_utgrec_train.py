@@ -276,7 +276,10 @@ def test_minilm_codes_of_the_catalogue_do_not_collapse(tmp_path):
     sample's Scientific + Office (942 items, batches of 8, quantiser on after 150 steps), then the eval-mode codes
     of the whole catalogue (export, before collision resolution) must spread over the codebooks. Before the fixes
     (unigram prior of the text head, dropout-free MiniLM) the same run gave perplexity 1.5 / 1.1 / 1.0 and 100%
-    collisions; with them 11.1 / 17.1 / 28.6 and 63%."""
+    collisions. With them, this short run varies with the seed and the item order: 10.7 / 8.7 / 14.6 and 84% here
+    (interleaved shards, seed 2024), 10.3 / 8.4 / 17.8 and 65% (seed 2025), 11.5 / 15.1 / 27.7 and 65% and
+    14.0 / 21.6 / 22.8 and 72% with the domains written one after the other; the bounds sit between that spread
+    and the collapse."""
     from megarec.config import load_config
     from megarec.data.readers import read_domain
     from megarec.data.sample import SAMPLE_DIR
@@ -295,5 +298,5 @@ def test_minilm_codes_of_the_catalogue_do_not_collapse(tmp_path):
          ("data.heldout_items", "0"), ("export.collisions", "none")]
     result = run(load_config(TrainTokenizerConfig, preset, o))
     codes = result["codes"]
-    assert all(level["perplexity"] >= 8 for level in codes["levels"]), codes["levels"]
-    assert codes["collision_rate_before"] < 0.8, codes
+    assert all(level["perplexity"] >= 5 for level in codes["levels"]), codes["levels"]
+    assert codes["collision_rate_before"] < 0.9, codes
