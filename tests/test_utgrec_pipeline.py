@@ -146,9 +146,10 @@ def test_nopt_trains_the_tokenizer_on_the_target_and_the_t5_from_scratch(env):
 
     rep = load_tool("reproduce")
     p = env["paths"]
-    over = rep.pretrain_overrides("utgrec", [str(p["A"]), str(p["T"])], str(p["T"]))
+    names = {str(p[n].resolve()): n for n in ("A", "T")}
+    over = rep.pretrain_overrides("utgrec", names, str(p["T"]))
     assert over == [("utgrec.pretrain_paths", str(p["A"].resolve()))]    # the target is left out
-    assert rep.pretrain_overrides("tiger", [str(p["A"])], str(p["T"])) == []
+    assert rep.pretrain_overrides("tiger", names, str(p["T"])) == []
     out, js = env["root"] / "rep", env["root"] / "rep.json"
     assert rep.main(["--data", str(p["T"]), "--pretrain", str(p["A"]), str(p["B"]), "--methods", "utgrec-nopt",
                      "--profile", "tiny", "--out", str(out), "--json", str(js), "--no_progress"]) == 0

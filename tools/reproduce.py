@@ -60,26 +60,26 @@ def resolve_method(name: str) -> tuple[str, list[tuple[str, str]]]:
     return ALIASES.get(name, (name, []))
 
 
-def pretrain_overrides(method: str, pretrain: list[str], target: str,
+def pretrain_overrides(method: str, pretrain: dict[str, str], target: str,
                        shared: tuple[Path, int] | None = None) -> list[tuple[str, str]]:
-    """``--pretrain`` as an override of the plug-in's ``pretrain_key`` (e.g. ``utgrec.pretrain_paths``),
-    the target itself left out; nothing for methods without pre-training domains. ``shared``
-    = ``(root, seed)``: the pre-training stages go to ``root/<method>/<domain+domain>`` with that seed
-    (the plug-in's ``pretrain_dir_key`` / ``pretrain_seed_key``), so the seeds of a table, and the
-    targets with the same pre-training domains, share one pre-training."""
-    from megarec.data.readers import read_domain
+    """``--pretrain`` (resolved path -> domain name) as an override of the plug-in's ``pretrain_key``
+    (e.g. ``utgrec.pretrain_paths``), the target itself left out; nothing for methods without
+    pre-training domains. ``shared`` = ``(root, seed)``: the pre-training stages go to
+    ``root/<method>/<name+name>`` with that seed (the plug-in's ``pretrain_dir_key`` /
+    ``pretrain_seed_key``), so the seeds of a table, and the targets with the same pre-training
+    domains, share one pre-training."""
     from megarec.methods import get_method
 
     plugin = get_method(method)
     key = getattr(plugin, "pretrain_key", None)
     if not key or not pretrain:
         return []
-    others = [p for p in pretrain if Path(p).resolve() != Path(target).resolve()]
-    over = [(key, ",".join(str(Path(p).resolve()) for p in others))]
+    others = {p: name for p, name in pretrain.items() if p != str(Path(target).resolve())}
+    over = [(key, ",".join(others))]
     if shared and getattr(plugin, "pretrain_dir_key", None) and others:
         root, seed = shared
-        names = "+".join(sorted(read_domain(p).name for p in others))
-        over += [(plugin.pretrain_dir_key, str(root / method / names)), (plugin.pretrain_seed_key, str(seed))]
+        over += [(plugin.pretrain_dir_key, str(root / method / "+".join(sorted(others.values())))),
+                 (plugin.pretrain_seed_key, str(seed))]
     return over
 
 
@@ -130,8 +130,8 @@ def main(argv=None) -> int:
             ap.error(f"--profile: {e}")
     rows, skipped = [], []
     shared = None if args.pretrain_per_seed else (Path(args.out).resolve() / args.profile / "pretrain", seeds[0])
-    for path in args.pretrain:
-        read_domain(path)                        # fail on bad data before training anything
+    # read once: fails on bad data before training anything, and names the shared pre-training folder
+    pretrain = {str(Path(p).resolve()): read_domain(p).name for p in args.pretrain}
     for path in args.data:
         name = read_domain(path).name           # fail on bad data before training anything
         for method in methods:
@@ -139,7 +139,7 @@ def main(argv=None) -> int:
                 out = Path(args.out) / args.profile / name / method / f"seed{seed}"
                 base, alias_over = resolve_method(method)
                 over = [("train.seed", str(seed)), ("train.cpu_threads", str(args.cpu_threads)),
-                        *pretrain_overrides(base, args.pretrain, path, shared),
+                        *pretrain_overrides(base, pretrain, path, shared),
                         *[(k, v) for k, v in args.set], *alias_over]
                 if args.deepspeed:
                     over.append(("train.deepspeed", args.deepspeed))
