@@ -9,6 +9,7 @@ import torch
 from megarec.data.codes import CodesFile
 from megarec.tokenizer import (CollisionError, ResidualQuantizer, add_dedup_level, assign_catalogue, collision_rate,
                                level_stats, random_collision_rate, resolve_collisions)
+from megarec.tokenizer.assign import spill_overflow
 
 
 def sqdist(x, C):
@@ -207,3 +208,73 @@ def test_codes_file_names_shared_ids_and_saves_atomically(tmp_path):
     cf.save(path)
     assert [p.name for p in tmp_path.iterdir()] == ["codes.safetensors"]     # no temporary file left behind
     assert CodesFile.load(path).item_keys == cf.item_keys
+
+
+def tree_items(level_increments: list[list[list[float]]]) -> torch.Tensor:
+    """``H' [N, L, d]`` whose prefix residual (Eq. 3) is the given per-level increments."""
+    return torch.tensor(level_increments).cumsum(dim=1)
+
+
+def test_overflowing_prefix_spills_its_cheapest_items_one_level_up():
+    from megarec.tokenizer.tree import TreeSnapshot
+    leaf = torch.tensor([[0.0, 0.0], [1.0, 0.0], [0.0, 1.0], [5.0, 5.0]])
+    snap = TreeSnapshot(torch.zeros(1, 2), leaf, num_levels=3)
+    # six items under prefix (0, 0) but only 4 last codes: the two whose level-2 increment is nearly as
+    # close to another code (items 2 -> code 1: +0.1, 3 -> code 2: +0.2) move; item 1 (+0.8) stays
+    level2 = [[0, 0], [0.1, 0], [0.45, 0], [0, 0.4], [0.05, 0.05], [0, 0.1]]
+    level3 = [[0, 0], [1, 0], [0, 1], [5, 5], [0.1, 0], [0.9, 0]]
+    h = tree_items([[[0.0, 0.0], a, b] for a, b in zip(level2, level3)])
+    cf = assign_catalogue(snap, h, [f"i{k}" for k in range(6)], "utgrec")
+    codes = np.asarray(cf.codes)
+    assert codes[:, 1].tolist() == [0, 0, 1, 2, 0, 0]
+    assert codes[2, 2] == 2 and codes[3, 2] == 3                # moved items keep their nearest last code
+    assert collision_rate(codes) == 0.0 and cf.stats["collision_rate_after"] == 0.0
+    spill = cf.stats["spill"]
+    assert spill["spilled"] == 2 and spill["overflow_groups"] == 1
+    assert spill["spill_extra_distance_max"] == pytest.approx(0.2, abs=1e-5)
+
+
+def test_spill_respects_the_room_of_the_target_prefix():
+    C = torch.tensor([[0.0], [1.0], [3.0]])
+    x = torch.tensor([[0.0], [0.4], [0.45], [1.0], [1.1]])       # level-(L-1) inputs
+    codes = np.array([[0, 0, 0], [0, 0, 1], [0, 0, 2], [0, 1, 0], [0, 1, 1]])   # capacity 2: (0, 0) overflows
+    new, info = spill_overflow(codes, x, C, capacity=2)
+    # (0, 1) is full, so the cheapest mover (item 2) goes to code 2, the next free prefix
+    assert new[:, 1].tolist() == [0, 0, 2, 1, 1] and info["spilled"] == 1
+    unchanged, info = spill_overflow(codes, x, C, capacity=3)
+    assert (unchanged == codes).all() and info["spilled"] == 0
+
+
+def test_spill_without_room_raises_a_clear_error():
+    C = torch.tensor([[0.0], [1.0]])
+    codes = np.array([[0, 0], [0, 1], [0, 2], [1, 0], [1, 1]])   # both prefixes would need room for 3 > 2
+    with pytest.raises(CollisionError, match="find no prefix with room"):
+        spill_overflow(codes, torch.tensor([[0.0], [0.1], [0.2], [1.0], [1.1]]), C, capacity=2)
+
+
+def test_a_tokenizer_with_dependent_levels_still_refuses_an_overflow():
+    torch.manual_seed(0)
+    rq = ResidualQuantizer([1, 2], dim=4).eval()                    # 1 x 2 IDs for 4 items: cannot be unique
+    with pytest.raises(CollisionError, match="last codebook has only 2 codes"):
+        assign_catalogue(rq, torch.randn(4, 4), [f"i{k}" for k in range(4)], "utgrec")
+
+
+def test_spill_on_a_crowded_catalogue_moves_exactly_the_excess_once_each():
+    from collections import Counter
+    from megarec.tokenizer.tree import TreeSnapshot
+    g = torch.Generator().manual_seed(0)
+    root, leaf = torch.randn(4, 8, generator=g), torch.randn(64, 8, generator=g)
+    inc = torch.randn(3000, 3, 8, generator=g) * 0.3
+    inc[:, 0] = root[torch.randint(0, 2, (3000,), generator=g)]
+    inc[:2000, 1] = leaf[5] + 0.3 * torch.randn(2000, 8, generator=g)    # 2000 items crowd level-2 code 5
+    snap = TreeSnapshot(root, leaf, num_levels=3)
+    h = inc.cumsum(dim=1)
+    before = np.asarray(assign_catalogue(snap, h, [str(i) for i in range(3000)], "none").codes)
+    excess = sum(max(0, n - 64) for n in Counter(map(tuple, before[:, :2].tolist())).values())
+    cf = assign_catalogue(snap, h, [str(i) for i in range(3000)], "utgrec")
+    after = np.asarray(cf.codes)
+    assert cf.stats["spill"]["spilled"] == excess > 0
+    assert (after[:, 1] != before[:, 1]).sum() == excess               # each spilled item moved once
+    assert (after[:, 0] == before[:, 0]).all()
+    assert max(Counter(map(tuple, after[:, :2].tolist())).values()) <= 64
+    assert collision_rate(after) == 0.0

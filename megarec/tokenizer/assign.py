@@ -11,7 +11,12 @@ recommender. Two policies make IDs unique:
   min-cost assignment (``scipy.optimize.linear_sum_assignment``) over each
   item's g nearest codes (g = group size, from :func:`megarec.kernels.topk_codes`),
   which provably contain an optimum. A group larger than the last codebook
-  cannot be resolved and is a clear error.
+  cannot be resolved at the last level. For a tokenizer whose levels quantise
+  independent inputs (UTGRec's tree: level l quantises its own increment
+  ``h_l - h_{l-1}``, whatever the other codes are) the group first spills its
+  cheapest-to-move items to their next-nearest level-(L-1) code whose group has
+  room (:func:`spill_overflow`, not in the paper: a short pre-training crowds a
+  prefix that a long one would not); for any other tokenizer it is a clear error.
 - ``dedup`` (TIGER): append a level whose code is the item's index within its
   group of identical IDs; that level's codebook size is the largest group.
 """
@@ -41,6 +46,14 @@ class Tokenizer(Protocol):
     def last_level(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]: ...
 
     def last_codebook(self) -> torch.Tensor: ...
+
+
+class IndependentLevels(Protocol):
+    """A tokenizer whose level-l code is the nearest code of an input of its own (no level reads another's code)."""
+
+    def level_inputs(self, x: torch.Tensor) -> torch.Tensor: ...        # [N, L, d]
+
+    def level_codebook(self, level: int) -> torch.Tensor: ...           # [K_level, d]
 
 
 # ---------------------------------------------------------------------------- codes
@@ -149,6 +162,78 @@ def resolve_collisions(codes: np.ndarray, last_inputs: torch.Tensor, last_codebo
     return codes, info
 
 
+def spill_overflow(codes: np.ndarray, inputs: torch.Tensor, codebook: torch.Tensor, capacity: int,
+                   candidates: int | None = None) -> tuple[np.ndarray, dict[str, Any]]:
+    """Shrink every prefix group (first L-1 codes) to at most ``capacity`` items by moving level L-1.
+
+    Only valid when level L-1's code is the nearest code of ``inputs`` independently of the
+    other levels (:class:`IndependentLevels`), so the moved items keep their last-level code and
+    input. Moves are taken cheapest first over the whole catalogue (extra squared distance of
+    the item's level-(L-1) input to the new code over its current one), each to a code among the
+    item's ``candidates`` nearest (default: all) whose group (same first L-2 codes, the new code) still has
+    room. Greedy, not an exact min-cost flow: enough to make the last level resolvable with
+    small moves (figures in ``info``).
+
+    Args:
+        codes: ``[N, L]`` codes, ``L >= 2``.
+        inputs: ``[N, d]`` level-(L-1) inputs; ``codebook``: ``[K, d]`` level-(L-1) codebook.
+        capacity: the last codebook's size.
+    Returns:
+        the new codes and ``{"spilled", "overflow_groups", "spill_extra_distance_mean", "spill_extra_distance_max"}``.
+    Raises:
+        CollisionError: an overflowing group finds no room among its items' candidate codes.
+    """
+    original = np.asarray(codes, dtype=np.int64)
+    codes = original.copy()
+    info: dict[str, Any] = {"spilled": 0, "overflow_groups": 0}
+    if codes.shape[1] < 2:
+        return codes, info
+    prefix_inv, prefix_cnt = _groups(codes[:, :-1])
+    need = np.maximum(prefix_cnt - capacity, 0)
+    if not need.any():
+        return codes, info
+    size = Counter(map(tuple, codes[:, :-1].tolist()))
+    items = np.nonzero(need[prefix_inv] > 0)[0]
+    C = codebook.detach().float().cpu()
+    x = inputs.detach().float().cpu()[torch.from_numpy(items)]
+    cand, dist = topk_codes(x, C, C.shape[0] if candidates is None else min(int(candidates), C.shape[0]))
+    current = torch.from_numpy(codes[items, -2])
+    here = ((x - C[current]) ** 2).sum(1, keepdim=True)
+    extra = (dist - here).numpy()
+    cand = cand.numpy()
+    order = np.argsort(extra, axis=None, kind="stable")
+    moved_extra, moved = [], np.zeros(len(items), dtype=bool)
+    left = int(need.sum())
+    for flat in order:                     # cheapest (item, code) moves first, each item at most once
+        if left == 0:
+            break
+        r, j = divmod(int(flat), cand.shape[1])
+        i, c = items[r], int(cand[r, j])
+        g = prefix_inv[i]
+        if moved[r] or need[g] == 0 or c == codes[i, -2]:
+            continue
+        target = (*codes[i, :-2].tolist(), c)
+        if size[target] >= capacity:
+            continue
+        size[tuple(codes[i, :-1].tolist())] -= 1
+        size[target] += 1
+        codes[i, -2] = c
+        need[g] -= 1
+        left -= 1
+        moved[r] = True
+        moved_extra.append(float(extra[r, j]))
+    if need.any():
+        g = int(np.nonzero(need)[0][0])
+        prefix = tuple(int(c) for c in original[np.nonzero(prefix_inv == g)[0][0], :-1])
+        raise CollisionError(
+            f"{int(prefix_cnt[g])} items share the code prefix {prefix} but the last codebook has only {capacity} "
+            f"codes, and {int(need[g])} of them find no prefix with room among their {cand.shape[1]} nearest "
+            "codes one level up; use a larger last codebook, more levels, or the 'dedup' collision policy")
+    info.update(spilled=len(moved_extra), overflow_groups=int((prefix_cnt > capacity).sum()),
+                spill_extra_distance_mean=float(np.mean(moved_extra)), spill_extra_distance_max=float(max(moved_extra)))
+    return codes, info
+
+
 # ------------------------------------------------------------------ dedup policy
 def add_dedup_level(codes: np.ndarray) -> tuple[np.ndarray, int]:
     """TIGER's extra token: append each item's index among the items sharing its ID (in item order).
@@ -244,6 +329,11 @@ def assign_catalogue(tokenizer: Tokenizer, x: torch.Tensor, item_keys: Sequence[
     if len(set(key_domains(item_keys))) > 1:
         stats["cross_domain_collision_rate_before"] = cross_domain_collision_rate(codes, item_keys)
     if policy == "utgrec":
+        if hasattr(tokenizer, "level_inputs") and len(sizes) >= 2:
+            inputs = torch.cat([tokenizer.level_inputs(x[s:s + batch_size].to(device) if device is not None
+                                                       else x[s:s + batch_size])[:, -2].float().cpu()
+                                for s in range(0, x.shape[0], batch_size)])
+            codes, stats["spill"] = spill_overflow(codes, inputs, tokenizer.level_codebook(len(sizes) - 2), sizes[-1])
         codes, stats["resolution"] = resolve_collisions(codes, last, tokenizer.last_codebook())
     elif policy == "dedup":
         codes, extra = add_dedup_level(codes)

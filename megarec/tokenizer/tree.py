@@ -186,6 +186,14 @@ class TreeCodebooks(nn.Module):
     def last_codebook(self) -> torch.Tensor:
         return self._full_books()[1]
 
+    @torch.no_grad()
+    def level_inputs(self, h: torch.Tensor) -> torch.Tensor:
+        """``h~ [N, L, d]``: what each level quantises, independently of the other levels' codes (Eq. 3)."""
+        return prefix_residual(h)
+
+    def level_codebook(self, level: int) -> torch.Tensor:
+        return self._full_books()[0 if level == 0 else 1]
+
     def snapshot(self) -> "TreeSnapshot":
         """Plain-tensor copy of the codebooks for code assignment on one rank (collective under ZeRO-3)."""
         root, leaf = self._full_books()
@@ -229,3 +237,10 @@ class TreeSnapshot:
 
     def last_codebook(self) -> torch.Tensor:
         return self.leaf
+
+    @torch.no_grad()
+    def level_inputs(self, h: torch.Tensor) -> torch.Tensor:
+        return prefix_residual(h.float().to(self.root.device))
+
+    def level_codebook(self, level: int) -> torch.Tensor:
+        return self.root if level == 0 else self.leaf
