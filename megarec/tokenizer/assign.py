@@ -61,15 +61,16 @@ class IndependentLevels(Protocol):
 def catalogue_codes(tokenizer: Tokenizer, x: torch.Tensor, batch_size: int = 4096,
                     device: str | torch.device | None = None) -> tuple[np.ndarray, torch.Tensor]:
     """Codes ``[N, L]`` of every row of ``x`` and the vectors the last codebook quantised ``[N, d_c]``, in batches."""
-    codes, last = [], []
-    for s in range(0, x.shape[0], batch_size):
-        xb = x[s:s + batch_size]
-        c, v = tokenizer.last_level(xb.to(device) if device is not None else xb)
-        codes.append(c.cpu())
-        last.append(v.float().cpu())
-    if not codes:
+    if x.shape[0] == 0:
         raise DataError("cannot assign codes to an empty catalogue")
-    return torch.cat(codes).numpy().astype(np.int64), torch.cat(last)
+    codes, last = zip(*_batches(tokenizer.last_level, x, batch_size, device))
+    return torch.cat([c.cpu() for c in codes]).numpy().astype(np.int64), torch.cat([v.float().cpu() for v in last])
+
+
+def _batches(fn: Any, x: torch.Tensor, batch_size: int, device: str | torch.device | None) -> list[Any]:
+    """``fn`` of each batch of rows of ``x`` (moved to ``device`` if given)."""
+    return [fn(x[s:s + batch_size].to(device) if device is not None else x[s:s + batch_size])
+            for s in range(0, x.shape[0], batch_size)]
 
 
 def _groups(rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -329,10 +330,8 @@ def assign_catalogue(tokenizer: Tokenizer, x: torch.Tensor, item_keys: Sequence[
     if len(set(key_domains(item_keys))) > 1:
         stats["cross_domain_collision_rate_before"] = cross_domain_collision_rate(codes, item_keys)
     if policy == "utgrec":
-        if hasattr(tokenizer, "level_inputs") and len(sizes) >= 2:
-            inputs = torch.cat([tokenizer.level_inputs(x[s:s + batch_size].to(device) if device is not None
-                                                       else x[s:s + batch_size])[:, -2].float().cpu()
-                                for s in range(0, x.shape[0], batch_size)])
+        if hasattr(tokenizer, "level_inputs") and len(sizes) >= 2 and _groups(codes[:, :-1])[1].max() > sizes[-1]:
+            inputs = torch.cat([h[:, -2].float().cpu() for h in _batches(tokenizer.level_inputs, x, batch_size, device)])
             codes, stats["spill"] = spill_overflow(codes, inputs, tokenizer.level_codebook(len(sizes) - 2), sizes[-1])
         codes, stats["resolution"] = resolve_collisions(codes, last, tokenizer.last_codebook())
     elif policy == "dedup":
