@@ -24,3 +24,38 @@ def test_a_method_that_needs_text_is_skipped_on_a_domain_without_and_the_rest_ru
     assert sk["method"] == "tiger" and sk["dataset"] == "NoText" and "needs item text" in sk["reason"]
     assert [r["method"] for r in out["table"] if r["seed"] == "mean"] == ["sasrec"]
     assert "skipped: tiger on NoText" in capsys.readouterr().out
+
+
+
+def test_resume_continues_a_stopped_run_exactly(tmp_path):
+    """A run stopped after its first epoch (the newest checkpoint removed, as a kill would leave it): a rerun
+    refuses without --resume (nothing overwritten), and with --resume continues to the uninterrupted result."""
+    import pytest
+
+    from megarec.config import ConfigError
+
+    data = str(SAMPLE_DIR / "Scientific")
+    repro = load_tool("reproduce").main
+
+    def run(*extra):
+        js = tmp_path / "r.json"
+        assert repro(["--data", data, "--methods", "sasrec", "--profile", "tiny", "--out", str(tmp_path / "runs"),
+                      "--json", str(js), "--no_progress", "--cpu_threads", "1", "--set", "train.epochs", "2",
+                      "--set", "train.patience", "0", *extra]) == 0
+        return json.loads(js.read_text())["results"][0]
+
+    straight = run()
+    rec = tmp_path / "runs" / "tiny" / "Scientific" / "sasrec" / "seed2024" / "rec"
+    ckpt = rec / "checkpoints"
+    first, last = sorted((p.name for p in ckpt.iterdir() if p.name.startswith("step")), key=lambda n: int(n[4:]))
+    shutil.rmtree(ckpt / last)
+    (ckpt / "latest").write_text(first)
+    (rec / "metrics.json").unlink()
+    with pytest.raises(ConfigError, match="already holds checkpoints"):
+        run()
+    assert (ckpt / first).is_dir()
+    resumed = run("--resume")
+    assert json.loads((rec / "metrics.json").read_text())["resumed_from_step"] == int(first[4:])   # continued
+    assert resumed["epochs_run"] == straight["epochs_run"] == 2
+    for k in ("recall@10", "ndcg@10", "recall@5", "ndcg@5"):
+        assert resumed[k] == straight[k], k

@@ -67,3 +67,43 @@ def test_init_and_restart_leave_identical_codebooks_on_every_rank():
     assert not torch.allclose(r0[2][0], r0[1][0])              # restarts changed level-1 codes
     for book, master, stepped in zip(r0[2], r0[3], r0[4]):     # fp32 master copy = the visible parameter
         assert torch.allclose(book, master.to(book)) and torch.allclose(book, stepped)
+
+
+
+def _frozen_tree_rank(rank: int, world: int):
+    """Fine-tuning under ZeRO-3: E frozen (no optimizer state), W trained, dead rows of E re-seeded."""
+    import deepspeed
+
+    from megarec.tokenizer.tree import TreeCodebooks
+    from megarec.tokenizer.zero import full_param
+
+    torch.set_num_threads(1)
+    torch.manual_seed(0)
+    tree = TreeCodebooks(2, 6, 5, 3, dead_code_steps=2)
+    tree.freeze_embeddings()
+    cfg = {"train_micro_batch_size_per_gpu": 4, "gradient_accumulation_steps": 1,
+           "zero_optimization": {"stage": 3}, "zero_allow_untested_optimizer": True}
+    params = [p for p in tree.parameters() if p.requires_grad]
+    engine, *_ = deepspeed.initialize(model=tree, optimizer=torch.optim.Adam(params, lr=0.05), config=cfg)
+    partitioned = hasattr(tree.root_E, "ds_id") and tree.root_E.data.numel() < tree.root_E.ds_numel
+    x = torch.stack([rank_data(rank)[:3]] * 2, dim=1)        # [3 items, 2 levels, 3]: a narrow batch
+    before = full_param(tree.root_E)
+    per_step, restarted = [], 0
+    for _ in range(3):
+        out = engine(x)
+        per_step.append(sorted(set(out.codes[:, 0].tolist())))
+        engine.backward(out.loss)
+        engine.step()
+        restarted += tree.restart_dead_codes(generator=torch.Generator().manual_seed(rank))
+    after = full_param(tree.root_E)
+    return partitioned, per_step, before.numpy(), after.numpy(), restarted
+
+
+def test_restarts_of_a_frozen_codebook_under_zero3():
+    r0, r1 = run_ranks(_frozen_tree_rank, world_size=2, timeout=240)
+    assert r0[0] and r1[0], "ZeRO-3 did not partition the codebooks"
+    assert r0[4] == r1[4] and r0[4] > 0                       # the same dead rows re-seeded on both ranks
+    assert (r0[3] == r1[3]).all()                             # one E on both ranks afterwards
+    changed = {i for i in range(6) if not (r0[2][i] == r0[3][i]).all()}
+    always_used = set.intersection(*(set(a) | set(b) for a, b in zip(r0[1], r1[1])))
+    assert changed and always_used and not changed & always_used   # rows in use keep their pre-trained values

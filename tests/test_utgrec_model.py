@@ -322,9 +322,18 @@ def test_tree_dead_code_restart_reseeds_unused_rows():
     new = tree.root_codebook().detach()[1:]
     dist = torch.cdist(new, pool).min(1).values           # e W lands exactly on a recent basic representation
     assert dist.max() < 1e-4
-    tree.freeze_embeddings()
-    tree(x), tree(x)
-    assert tree.restart_dead_codes() == 0                  # fine-tuning: E frozen, nothing re-seeded
+    tree.freeze_embeddings()                               # fine-tuning: used rows kept, dead rows re-seeded
+    y = x + 0.5 * torch.randn(1, 3, 5)                     # the new domain sits elsewhere, next to one code
+    tree(y), tree(y)
+    before = tree.root_E.detach().clone()
+    dead = (tree.root_unused >= 2).nonzero().squeeze(1)
+    assert len(dead) >= 3
+    assert tree.restart_dead_codes() >= len(dead)
+    assert not tree.root_E.requires_grad
+    kept = [i for i in range(4) if i not in set(dead.tolist())]
+    assert torch.equal(tree.root_E[kept], before[kept]) and not torch.equal(tree.root_E[dead], before[dead])
+    dist = torch.cdist(tree.root_codebook().detach()[dead], prefix_residual(y)[:, 0]).min(1).values
+    assert dist.max() < 1e-4
 
 
 def test_finetuning_freezes_codebook_embeddings_only(paths):

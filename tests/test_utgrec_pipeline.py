@@ -251,6 +251,13 @@ def test_seeds_share_one_pretraining_and_the_pretrain_users_are_capped(env, monk
     from megarec.train_rec import read_domains
     pre_cfg = load_config(TrainRecConfig, pre / "rec_pretrain" / "config.yaml")
     assert [len(d.users) for d in read_domains(pre_cfg.data)] == [20, 20]   # of 30 each
+    calls["tok"].clear(), calls["rec"].clear()   # another seed in its own process reuses that pre-training
+    assert load_tool("reproduce").main(
+        ["--data", str(p["T"]), "--pretrain", str(p["B"]), str(p["A"]), "--methods", "utgrec", "--profile", "tiny",
+         "--seeds", "9", "--pretrain_seed", "7", "--out", str(out), "--no_progress",
+         "--set", "utgrec.pretrain_max_users", "20"]) == 0
+    assert [Path(d).name for d in calls["tok"]] == ["tokenizer_finetune"]
+    assert [Path(d).parent.name for d in calls["rec"]] == ["seed9"]
 
 
 def test_runs_sharing_a_stage_folder_take_turns(tmp_path):

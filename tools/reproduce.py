@@ -96,6 +96,10 @@ def main(argv=None) -> int:
                     help="pre-train once per seed, in each seed's folder (default: once per set of pre-training "
                          "domains, with the first seed, under OUT/PROFILE/pretrain/; the seeds vary the target's "
                          "fine-tuning)")
+    ap.add_argument("--pretrain_seed", type=int, default=None,
+                    help="seed of the shared pre-training (default: the first of --seeds); give the same one to "
+                         "every process when the seeds of a table run in separate processes (a different seed is "
+                         "a different pre-training, and a rerun with changed settings replaces a stage's folder)")
     ap.add_argument("--profile", default="cpu-small", help="paper, cpu-small, quickstart or tiny")
     ap.add_argument("--seeds", default="2024", help="comma-separated seeds; several give a mean row too")
     ap.add_argument("--out", default="runs/reproduce", help="run folders go here")
@@ -104,6 +108,9 @@ def main(argv=None) -> int:
     ap.add_argument("--cpu_threads", type=int, default=0,
                     help="torch threads on CPU (0 = all cores; 1 is faster on a machine shared with other jobs)")
     ap.add_argument("--no_progress", action="store_true")
+    ap.add_argument("--resume", action="store_true",
+                    help="continue recommender runs that were stopped, from their checkpoints (a run without "
+                         "checkpoints starts from scratch; the pipeline stages before it resume by themselves)")
     ap.add_argument("--set", nargs=2, action="append", default=[], metavar=("KEY", "VALUE"),
                     help="extra run-config override on top of the profile, e.g. --set train.epochs 30 "
                          "(repeatable; reported in the JSON)")
@@ -129,7 +136,8 @@ def main(argv=None) -> int:
         except ConfigError as e:
             ap.error(f"--profile: {e}")
     rows, skipped = [], []
-    shared = None if args.pretrain_per_seed else (Path(args.out).resolve() / args.profile / "pretrain", seeds[0])
+    shared = None if args.pretrain_per_seed else (Path(args.out).resolve() / args.profile / "pretrain",
+                                                  seeds[0] if args.pretrain_seed is None else args.pretrain_seed)
     # read once: fails on bad data before training anything, and names the shared pre-training folder
     pretrain = {str(Path(p).resolve()): read_domain(p).name for p in args.pretrain}
     for path in args.data:
@@ -141,6 +149,8 @@ def main(argv=None) -> int:
                 over = [("train.seed", str(seed)), ("train.cpu_threads", str(args.cpu_threads)),
                         *pretrain_overrides(base, pretrain, path, shared),
                         *[(k, v) for k, v in args.set], *alias_over]
+                if args.resume:
+                    over.append(("train.resume", "true"))
                 if args.deepspeed:
                     over.append(("train.deepspeed", args.deepspeed))
                 t0 = time.perf_counter()

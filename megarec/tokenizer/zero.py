@@ -31,7 +31,9 @@ def _is_zero3(p: torch.nn.Parameter) -> bool:
 def _has_master(p: torch.nn.Parameter) -> bool:
     # ZeRO-1/2 set ``_hp_mapping`` on every rank (None where another rank owns the
     # whole parameter); the master-copy calls are collectives, so test presence only.
-    return _is_zero3(p) or hasattr(p, "_hp_mapping")
+    # A frozen parameter (E in fine-tuning) is in no optimizer group: it is its only copy
+    # (ZeRO-3 still links it to the optimizer, whose partition lookup then fails).
+    return p.requires_grad and (_is_zero3(p) or hasattr(p, "_hp_mapping"))
 
 
 @contextmanager
