@@ -1,9 +1,13 @@
-"""tools/reproduce.py: the results table and its JSON, and methods that cannot run on a dataset."""
+"""tools/reproduce.py: the results table and its JSON, methods that cannot run on a dataset, --resume, and
+flags that contradict each other."""
 from __future__ import annotations
 
 import json
 import shutil
 
+import pytest
+
+from megarec.config import ConfigError
 from megarec.data.sample import SAMPLE_DIR
 from tests.tools import load_tool
 
@@ -26,14 +30,9 @@ def test_a_method_that_needs_text_is_skipped_on_a_domain_without_and_the_rest_ru
     assert "skipped: tiger on NoText" in capsys.readouterr().out
 
 
-
 def test_resume_continues_a_stopped_run_exactly(tmp_path):
     """A run stopped after its first epoch (the newest checkpoint removed, as a kill would leave it): a rerun
     refuses without --resume (nothing overwritten), and with --resume continues to the uninterrupted result."""
-    import pytest
-
-    from megarec.config import ConfigError
-
     data = str(SAMPLE_DIR / "Scientific")
     repro = load_tool("reproduce").main
 
@@ -59,3 +58,10 @@ def test_resume_continues_a_stopped_run_exactly(tmp_path):
     assert resumed["epochs_run"] == straight["epochs_run"] == 2
     for k in ("recall@10", "ndcg@10", "recall@5", "ndcg@5"):
         assert resumed[k] == straight[k], k
+
+
+def test_pretrain_seed_and_pretrain_per_seed_contradict(capsys):
+    with pytest.raises(SystemExit):
+        load_tool("reproduce").main(["--data", str(SAMPLE_DIR / "Scientific"), "--pretrain_seed", "7",
+                                     "--pretrain_per_seed"])
+    assert "--pretrain_seed names the seed of one shared pre-training" in capsys.readouterr().err

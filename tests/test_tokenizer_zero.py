@@ -69,7 +69,6 @@ def test_init_and_restart_leave_identical_codebooks_on_every_rank():
         assert torch.allclose(book, master.to(book)) and torch.allclose(book, stepped)
 
 
-
 def _frozen_tree_rank(rank: int, world: int):
     """Fine-tuning under ZeRO-3: E frozen (no optimizer state), W trained, dead rows of E re-seeded."""
     import deepspeed

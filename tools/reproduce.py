@@ -125,6 +125,9 @@ def main(argv=None) -> int:
     from megarec.methods.profiles import load_profile
     from megarec.train_rec import run_pipeline
 
+    if args.pretrain_seed is not None and args.pretrain_per_seed:
+        ap.error("--pretrain_seed names the seed of one shared pre-training; --pretrain_per_seed pre-trains with "
+                 "each seed")
     methods = [m for m in args.methods.split(",") if m]
     seeds = [int(s) for s in args.seeds.split(",") if s]
     for m in methods:
