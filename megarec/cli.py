@@ -13,6 +13,7 @@ from typing import Callable
 
 from megarec.data.domain import DataError
 from megarec.config import ConfigError
+from megarec.formatting import format_table
 
 
 # --------------------------------------------------------------------------- quickstart
@@ -58,22 +59,6 @@ def _cmd_stats(args: argparse.Namespace) -> int:
     else:
         print(format_table(rows, ["domain", "users", "items", "interactions", "avg_len", "sparsity"]))
     return 0
-
-
-def format_table(rows: list[dict], cols: list[str]) -> str:
-    """A markdown table; floats to 4 decimals, ints with thousands separators."""
-    def fmt(v) -> str:
-        if isinstance(v, bool):
-            return str(v)
-        if isinstance(v, int):
-            return f"{v:,}"
-        if isinstance(v, float):
-            return f"{v:.4f}"
-        return str(v)
-
-    lines = ["| " + " | ".join(cols) + " |", "|" + "|".join("---" for _ in cols) + "|"]
-    lines += ["| " + " | ".join(fmt(r.get(c, "")) for c in cols) + " |" for r in rows]
-    return "\n".join(lines)
 
 
 # --------------------------------------------------------------------------- download-images
@@ -164,6 +149,8 @@ def _cmd_build_shards(args: argparse.Namespace) -> int:
 
 # --------------------------------------------------------------------------- train-tokenizer
 def _add_train_tokenizer(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    from megarec.methods.tokenizers import DEFAULT_CLI_TOKENIZER, tokenizer_names
+
     p = sub.add_parser("train-tokenizer", help="train an RQ-VAE tokenizer on the items of one or more domains; "
                                                "write codes and stats",
                        description="Embed every item (text encoder, or --embeddings for collaborative ones), train "
@@ -183,7 +170,7 @@ def _add_train_tokenizer(sub: argparse._SubParsersAction) -> argparse.ArgumentPa
     p.add_argument("--kcore", type=int, default=None, help="k-core filtering (default: the format's)")
     u = p.add_argument_group("--method utgrec (UTGRec universal tokenizer: PATH is the item shard folder of "
                              "`megarec build-shards`, --out the run folder; keys of megarec/train_tokenizer.py)")
-    u.add_argument("--method", choices=("rqvae", "utgrec"), default="rqvae",
+    u.add_argument("--method", choices=tokenizer_names(), default=DEFAULT_CLI_TOKENIZER,
                    help="rqvae: RQ-VAE on text / collaborative embeddings; utgrec: Qwen2-VL (or text encoder) + "
                         "tree codebooks + text / image decoders under DeepSpeed")
     u.add_argument("--deepspeed", default=None, help="DeepSpeed config (ds_configs/zero3.json, ...)")
@@ -197,20 +184,23 @@ def _add_train_tokenizer(sub: argparse._SubParsersAction) -> argparse.ArgumentPa
     return p
 
 
-def _run_utgrec_tokenizer(args: argparse.Namespace) -> int:
-    """``--method utgrec``: megarec/train_tokenizer.py on the shard folder PATH, run folder --out."""
+def _cmd_train_tokenizer(args: argparse.Namespace) -> int:
+    """Dispatch to the tokenizer plug-in: in this process (``run_cli``), or as ``train_tokenizer.py`` (one rank
+    here, or ``--launcher deepspeed``) for plug-ins with a run config."""
     import shutil
     import subprocess
     from pathlib import Path
 
     from megarec import train_tokenizer
+    from megarec.methods.tokenizers import get_tokenizer
 
-    if len(args.paths) != 1:
-        raise ConfigError("--method utgrec takes one PATH: the item shard folder (`megarec build-shards`)")
-    argv = [*(["--config", args.config] if args.config else []),
+    plugin = get_tokenizer(args.method)
+    if plugin.config_cls is None:
+        return plugin.run_cli(args)
+    argv = ["--method", plugin.name, *(["--config", args.config] if args.config else []),
             *(["--deepspeed", args.deepspeed] if args.deepspeed else []),
             *(["--resume"] if args.resume else []), *(["--init_from", args.init_from] if args.init_from else []),
-            "--data.shards", str(args.paths[0]), "--train.run_dir", str(args.out), *args.overrides]
+            *[a for k, v in plugin.cli_overrides(args) for a in (f"--{k}", v)], *args.overrides]
     if args.launcher == "deepspeed":
         port = ["--master_port", str(args.master_port)] if args.master_port else []
         exe = shutil.which("deepspeed")
@@ -218,37 +208,6 @@ def _run_utgrec_tokenizer(args: argparse.Namespace) -> int:
         return subprocess.call([*launcher, "--num_gpus", str(args.num_gpus), *port,
                                 str(Path(train_tokenizer.__file__)), *argv])
     return train_tokenizer.main(argv)
-
-
-def _cmd_train_tokenizer(args: argparse.Namespace) -> int:
-    if getattr(args, "method", "rqvae") == "utgrec":
-        return _run_utgrec_tokenizer(args)
-    from megarec.config import TokenizerConfig, load_config
-    from megarec.data.readers import read_domain
-    from megarec.tokenizer.commands import summary_rows, train_tokenizer
-
-    cfg = load_config(TokenizerConfig, args.config, args.overrides)
-    domains = [read_domain(p, kcore=args.kcore, text_fields=cfg.text_fields) for p in args.paths]
-    if args.embeddings is None:
-        for domain in domains:
-            domain.require_text("train-tokenizer")
-    stats = train_tokenizer(domains, cfg, args.out, embeddings=args.embeddings)
-    print(format_table(summary_rows(stats), ["level", "usage", "perplexity", "entropy"]))
-    print(f"collision rate {stats['collision_rate_before']:.4f} before, {stats['collision_rate_after']:.4f} after "
-          f"({stats['policy']}); uniformly random codes: {stats['random_codes_collision_rate']:.4f}; "
-          f"identical inputs: {stats['duplicate_input_rate']:.4f}")
-    _print_domains(stats)
-    print(f"tokenizer, codes and stats written to {args.out}")
-    return 0
-
-
-def _print_domains(stats: dict) -> None:
-    """With several domains: their item counts and how many items shared an ID across domains before resolution."""
-    if len(stats.get("domains", {})) > 1:
-        print(f"{len(stats['domains'])} domains in one code space ("
-              + ", ".join(f"{n}: {k:,} items" for n, k in stats["domains"].items())
-              + f"); items sharing an ID with another domain's item before resolution: "
-              f"{stats.get('cross_domain_collision_rate_before', 0.0):.4f}")
 
 
 # --------------------------------------------------------------------------- tokenize
@@ -272,7 +231,7 @@ def _add_tokenize(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
 def _cmd_tokenize(args: argparse.Namespace) -> int:
     from megarec.config import TokenizerConfig, load_config
     from megarec.data.readers import read_domain
-    from megarec.tokenizer.commands import summary_rows, tokenize
+    from megarec.tokenizer.commands import domains_summary, summary_rows, tokenize
     from pathlib import Path
 
     cfg_path = Path(args.model) / "config.yaml"
@@ -283,7 +242,8 @@ def _cmd_tokenize(args: argparse.Namespace) -> int:
     print(f"collision rate {codes.stats['collision_rate_before']:.4f} before, "
           f"{codes.stats['collision_rate_after']:.4f} after ({codes.stats['policy']}); "
           f"{len(codes.item_keys):,} items -> {args.out}")
-    _print_domains(codes.stats)
+    if line := domains_summary(codes.stats):
+        print(line)
     return 0
 
 
@@ -376,7 +336,7 @@ def _read_histories(path: str) -> list[tuple[str | None, list]]:
 def _cmd_recommend(args: argparse.Namespace) -> int:
     import numpy as np
 
-    from megarec.train_rec import load_trained
+    from megarec.methods.training import load_trained
 
     if args.topk < 1:
         raise ConfigError("--topk must be >= 1")
@@ -430,7 +390,7 @@ def _add_export_embeddings(sub: argparse._SubParsersAction) -> argparse.Argument
 
 def _cmd_export_embeddings(args: argparse.Namespace) -> int:
     from megarec.recommender.sasrec import SASRec, export_item_embeddings
-    from megarec.train_rec import load_trained
+    from megarec.methods.training import load_trained
 
     trained = load_trained(args.model)
     model = getattr(getattr(trained.recommender, "ranker", None), "model", None)

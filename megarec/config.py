@@ -249,6 +249,12 @@ def validate(cfg: Any, prefix: str = "") -> None:
         post()
 
 
+def override_value(v: Any) -> str:
+    """A YAML value (e.g. a profile's stage setting) as the ``--key value`` string that :func:`load_config`
+    parses back (lists as ``a,b,c``)."""
+    return ",".join(map(str, v)) if isinstance(v, (list, tuple)) else str(v)
+
+
 def parse_overrides(argv: Sequence[str]) -> list[tuple[str, str]]:
     """Turn ``["--a.b", "1", "--c=2"]`` into ``[("a.b", "1"), ("c", "2")]``."""
     pairs: list[tuple[str, str]] = []

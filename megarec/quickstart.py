@@ -46,10 +46,10 @@ def run_quickstart(out: str | Path = "runs/quickstart", methods: Sequence[str] =
     """Run the quickstart; returns ``{"stats": [...], "shards": {...}, "results": [...]}`` (also in summary.json)."""
     from torch.utils.tensorboard import SummaryWriter
 
-    from megarec.cli import format_table
+    from megarec.formatting import format_table
     from megarec.data.sample import load_sample, sample_paths
     from megarec.data.shards import ShardDataset, write_shards
-    from megarec.train_rec import run_pipeline
+    from megarec.methods.training import run_pipeline
 
     log = get_logger("megarec.quickstart")
     out = Path(out)

@@ -1,4 +1,4 @@
-"""ETEGRec (megarec.methods.etegrec*): each loss against a naive formula, the sign of the code
+"""ETEGRec (megarec.methods.etegrec.plugin*): each loss against a naive formula, the sign of the code
 distributions, batches, the alternating schedule (what is frozen, gates, weights, codes), a
 1-rank training run through the real trainer, and ``megarec recommend`` on its model.
 
@@ -14,9 +14,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from megarec.methods.etegrec import ETEGRecConfig, combine, epoch_phase, loss_weights, lr_gates
-from megarec.methods.etegrec_data import CodeTable, HistorySamples, code_stats
-from megarec.methods.etegrec_model import (ETEGRecModel, first_occurrence, masked_mean, psa_loss,
+from megarec.methods.etegrec.plugin import ETEGRecConfig, combine, epoch_phase, loss_weights, lr_gates
+from megarec.methods.joint.samples import CodeTable, HistorySamples, code_stats
+from megarec.methods.etegrec.model import (ETEGRecModel, first_occurrence, masked_mean, psa_loss,
                                            residual_code_probs, sia_loss, symmetric_kl)
 from tests.test_train_rec import write_domain
 
@@ -242,8 +242,9 @@ TINY = ["--profile", "tiny", "--method", "etegrec", "--train.progress", "false",
 def trained(tmp_path_factory):
     """4 tiny epochs (tokenizer, recommender, tokenizer, recommender) through train_rec.run with
     the epoch hooks wrapped to snapshot the model at every epoch start and end."""
-    from megarec.methods.etegrec import ETEGRecMethod
-    from megarec.train_rec import parse_args, run
+    from megarec.methods.etegrec.plugin import ETEGRecMethod
+    from megarec.train_rec import parse_args
+    from megarec.methods.training import run
 
     root = tmp_path_factory.mktemp("etegrec")
     inp = make_inputs(root)
@@ -344,7 +345,7 @@ def test_exported_model_recommends_with_its_codes(trained):
     from safetensors.torch import load_file
 
     from megarec.data.code_vocab import CodeVocab
-    from megarec.train_rec import load_trained
+    from megarec.methods.training import load_trained
 
     w = load_file(str(trained["run"] / "model" / "model.safetensors"))
     assert {"item_codes", "item_emb", "codes_epoch"} <= set(w)
@@ -359,7 +360,7 @@ def test_exported_model_recommends_with_its_codes(trained):
     from megarec.data.code_sequences import CodeSequenceData
     from megarec.data.codes import CodesFile
     from megarec.data.domain import MultiDomain
-    from megarec.methods.etegrec import trained_codes
+    from megarec.methods.etegrec.plugin import trained_codes
 
     path = trained["root"] / "final_codes.safetensors"
     trained_codes(t.cfg, w, MultiDomain(t.domains)).save(path)
@@ -408,7 +409,7 @@ def test_missing_inputs_are_a_clear_error(tmp_path):
 def test_pipeline_trains_the_teacher_and_the_tokenizer(tmp_path):
     """Given only data, the pipeline trains SASRec, exports its item embeddings, pre-trains the
     RQ-VAE on them, then trains ETEGRec from both (and reuses them when run again)."""
-    from megarec.train_rec import run_pipeline
+    from megarec.methods.training import run_pipeline
 
     a = write_domain(tmp_path, "A", 30, 15, seed=3)
     out = tmp_path / "pipe"
@@ -420,9 +421,10 @@ def test_pipeline_trains_the_teacher_and_the_tokenizer(tmp_path):
     assert "sasrec_embeddings.safetensors" in saved and str(out / "tokenizer") in saved
     # the stages are reused with the same settings; a teacher made with others is never overwritten
     from megarec.config import ConfigError
-    from megarec.methods.etegrec_data import pretrain_tokenizer, teacher_embeddings
+    from megarec.methods.etegrec.plugin import pretrain_tokenizer
+    from megarec.methods.joint.stages import teacher_embeddings
     from megarec.methods.profiles import flatten, load_profile
-    from megarec.train_rec import pipeline_config, read_domains
+    from megarec.methods.training import pipeline_config, read_domains
 
     cfg = pipeline_config("etegrec", [a], out, "tiny", progress=False)
     stages = {k: flatten(v) for k, v in load_profile("etegrec", "tiny").stages.items()}

@@ -395,7 +395,7 @@ def test_max_users_keeps_a_fixed_uniform_subset_with_its_items():
     """``data.max_users`` (``Domain.sample_users``): n distinct users in their original order, the same ones
     on every call, each with its own sequence; only the items they use, re-indexed; n >= users is a no-op."""
     from megarec.config import DataConfig
-    from megarec.train_rec import read_domains
+    from megarec.methods.training import read_domains
 
     full = next(d for d in load_sample() if d.name == "Scientific")
     a, b = full.sample_users(50), full.sample_users(50)

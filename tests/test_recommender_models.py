@@ -352,7 +352,7 @@ def test_export_embeddings_command(tmp_path, capsys):
     """`megarec export-embeddings RUN --out F` on a (tiny) trained SASRec run of the embedded sample."""
     from megarec.cli import main
     from megarec.data.sample import sample_paths
-    from megarec.train_rec import load_trained
+    from megarec.methods.training import load_trained
 
     run = tmp_path / "run"
     assert main(["train-rec", "--method", "sasrec", "--profile", "tiny", "--data.paths", str(sample_paths()[0]),

@@ -456,7 +456,7 @@ def test_profiles_are_valid_configs():
     from megarec.config import TokenizerConfig, load_config
     from megarec.methods import method_names
     from megarec.methods.profiles import STANDARD, flatten, load_profile, profile_names
-    from megarec.train_rec import TrainRecConfig, profile_layer
+    from megarec.methods.training import TrainRecConfig, profile_layer
 
     for method in method_names():
         assert set(STANDARD) <= set(profile_names(method)), method
@@ -492,13 +492,35 @@ def test_precedence_defaults_profile_file_command_line(tmp_path):
     assert cfg.sasrec.hidden == 16 and cfg.train.epochs == 2
 
 
-def test_train_rec_names_no_method():
-    """The entry point and the trainer never test a method's name: methods are plug-ins."""
-    import megarec.engine.trainer
-    import megarec.train_rec
-    from megarec.methods import method_names
+def test_entry_points_name_no_method():
+    """The entry points, the run of a method and the trainer never test a method's or a tokenizer's name
+    (no comparison with one, no ``match`` on one): methods and tokenizers are plug-ins, reached through
+    their registries."""
+    import ast
 
-    for mod in (megarec.train_rec, megarec.engine.trainer):
-        src = Path(mod.__file__).read_text()
-        for name in method_names():
-            assert f'"{name}"' not in src and f"'{name}'" not in src, (mod.__name__, name)
+    import megarec
+    from megarec.methods import method_names
+    from megarec.methods.tokenizers import tokenizer_names
+
+    names = {*method_names(), *tokenizer_names()}
+    root = Path(megarec.__file__).parent
+    files = [root / f for f in ("train_rec.py", "train_tokenizer.py", "cli.py", "quickstart.py", "entry_point.py",
+                                "methods/training.py")] + sorted((root / "engine").glob("*.py"))
+
+    def constants(node: ast.AST) -> set:
+        if isinstance(node, ast.Constant):
+            return {node.value}
+        if isinstance(node, (ast.Tuple, ast.List, ast.Set)):
+            return {e.value for e in node.elts if isinstance(e, ast.Constant)}
+        return set()
+
+    for path in files:
+        for node in ast.walk(ast.parse(path.read_text())):
+            tested = set()
+            if isinstance(node, ast.Compare):
+                for operand in (node.left, *node.comparators):
+                    tested |= constants(operand)
+            elif isinstance(node, ast.match_case):
+                tested |= {n.value.value for n in ast.walk(node.pattern) if isinstance(n, ast.MatchValue)
+                           and isinstance(n.value, ast.Constant)}
+            assert not tested & names, (path.name, getattr(node, "lineno", None), tested & names)

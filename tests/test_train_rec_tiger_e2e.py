@@ -12,7 +12,7 @@ from tests.test_train_rec import write_domain
 
 @pytest.mark.slow
 def test_tiger_pipeline_on_a_tiny_domain(tmp_path):
-    from megarec.train_rec import run_pipeline
+    from megarec.methods.training import run_pipeline
 
     a = write_domain(tmp_path, "Tiny", 30, 16, seed=4)
     out = tmp_path / "tiger"
@@ -42,7 +42,7 @@ def test_tiger_pipeline_on_a_tiny_domain(tmp_path):
 
 
 def test_sasrec_pipeline_needs_no_codes(tmp_path):
-    from megarec.train_rec import run_pipeline
+    from megarec.methods.training import run_pipeline
 
     a = write_domain(tmp_path, "Tiny", 30, 16, seed=4)
     result = run_pipeline("sasrec", [a], tmp_path / "sas", profile="tiny", progress=False,

@@ -1,4 +1,4 @@
-"""UniGRec (megarec.methods.unigrec*): each loss against a naive formula (Eq. 14's sign, KL,
+"""UniGRec (megarec.methods.unigrec.plugin*): each loss against a naive formula (Eq. 14's sign, KL,
 InfoNCE, uniformity, Eq. 22), soft inputs (Eq. 15) vs the hard path, gradients of L_Rec into
 the tokenizer, parameter groups, a 1-rank run through the real trainer and ``megarec recommend``.
 
@@ -14,11 +14,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from megarec.methods.etegrec_data import CodeTable
-from megarec.methods.unigrec import UniGRecConfig, UniGRecSamples, combine
-from megarec.methods.unigrec_losses import (code_log_probs, joint_loss, recommender_distillation,
+from megarec.methods.joint.samples import CodeTable
+from megarec.methods.unigrec.plugin import UniGRecConfig, UniGRecSamples, combine
+from megarec.methods.unigrec.losses import (code_log_probs, joint_loss, recommender_distillation,
                                             residual_log_probs, symmetric_kl)
-from megarec.methods.unigrec_model import UniGRecModel, UniGRecTerms, soft_history_embeddings
+from megarec.methods.unigrec.model import UniGRecModel, UniGRecTerms, soft_history_embeddings
 from tests.dist import tb_scalars
 from tests.test_train_rec import write_domain
 
@@ -224,7 +224,7 @@ def test_every_term_is_finite_and_every_trainable_parameter_gets_a_gradient():
 
 
 def test_param_groups_hold_every_trainable_parameter_and_a_frozen_tokenizer_stays_in_eval():
-    from megarec.methods.unigrec import UniGRecMethod
+    from megarec.methods.unigrec.plugin import UniGRecMethod
     from megarec.train_rec import parse_args
 
     cfg = parse_args([*TINY, "--train.lr", "0.005", "--unigrec.tokenizer_lr", "2e-7"])
@@ -259,7 +259,8 @@ def test_ablations_drop_their_adapters():
 # --------------------------------------------------------------------------- a real run (1 rank)
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
-    from megarec.train_rec import parse_args, run
+    from megarec.train_rec import parse_args
+    from megarec.methods.training import run
 
     root = tmp_path_factory.mktemp("unigrec")
     inp = make_inputs(root)
@@ -286,7 +287,7 @@ def test_run_logs_every_term_and_codebook_statistics(trained):
 
 def test_exported_model_recommends_with_its_codes(trained):
     from megarec.engine.checkpoint import read_weights
-    from megarec.train_rec import load_trained
+    from megarec.methods.training import load_trained
 
     state, _ = read_weights(trained["run"] / "model" / "model.safetensors")
     assert {"item_codes", "codes_epoch", "tokenizer.quantizer.codebook_0"} <= set(state)
@@ -299,7 +300,8 @@ def test_exported_model_recommends_with_its_codes(trained):
 
 def test_missing_inputs_are_a_clear_error(tmp_path):
     from megarec.config import ConfigError
-    from megarec.train_rec import parse_args, run
+    from megarec.train_rec import parse_args
+    from megarec.methods.training import run
 
     a = write_domain(tmp_path, "A", 10, 8)
     cfg = parse_args([*TINY, "--data.paths", str(a), "--train.run_dir", str(tmp_path / "r")])
@@ -312,7 +314,7 @@ def test_pipeline_trains_teacher_and_soft_tokenizer_when_not_given(tmp_path):
     """``run_pipeline`` (quickstart, tools/reproduce.py): SASRec teacher -> its item embeddings,
     soft RQ-VAE on item text (stage 1), then UniGRec (stage 2)."""
     from megarec.tokenizer.rqvae import RQVAE
-    from megarec.train_rec import run_pipeline
+    from megarec.methods.training import run_pipeline
 
     a = write_domain(tmp_path, "Tiny", 30, 16, seed=4)
     out = tmp_path / "uni"
@@ -337,7 +339,7 @@ def test_frozen_tokenizer_passes_the_distillation_gradient_to_the_projections():
 
 def test_without_distillation_no_teacher_is_needed(tmp_path):
     from megarec.data.readers import read_domain
-    from megarec.methods.unigrec import UniGRecMethod
+    from megarec.methods.unigrec.plugin import UniGRecMethod
     from megarec.train_rec import parse_args
 
     inp = make_inputs(tmp_path)

@@ -18,7 +18,7 @@ def paths(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def qwen(paths):
-    from megarec.tokenizer.content_encoder import QwenVLEncoder
+    from megarec.methods.utgrec.content_encoder import QwenVLEncoder
 
     torch.manual_seed(0)
     return QwenVLEncoder(str(paths[0]), 3, max_text_tokens=16)
@@ -106,7 +106,7 @@ def test_qwen_encoder_calls_modules_in_the_same_order_with_and_without_images(qw
 
 
 def test_text_encoder_backend_with_real_minilm():
-    from megarec.tokenizer.content_encoder import TextEncoder
+    from megarec.methods.utgrec.content_encoder import TextEncoder
 
     enc = TextEncoder("", 3, max_text_tokens=16)
     x = enc.prepare(TEXTS, None)
@@ -123,7 +123,7 @@ def test_text_encoder_backend_with_real_minilm():
 
 def test_bad_encoder_settings_are_clear(paths):
     from megarec.data.domain import DataError
-    from megarec.tokenizer.content_encoder import build_content_encoder
+    from megarec.methods.utgrec.content_encoder import build_content_encoder
 
     with pytest.raises(DataError, match="encoder.path"):
         build_content_encoder("qwen2vl", "", 3)
@@ -135,7 +135,7 @@ def test_bad_encoder_settings_are_clear(paths):
 
 # ------------------------------------------------------------------------------------------ decoders
 def test_text_nll_matches_naive_formula():
-    from megarec.tokenizer.text_decoder import text_nll
+    from megarec.methods.utgrec.text_decoder import text_nll
 
     torch.manual_seed(1)
     logits = torch.randn(3, 5, 11)
@@ -150,7 +150,7 @@ def test_text_nll_matches_naive_formula():
 
 
 def test_text_decoder_ignores_padding_and_sees_only_h_hat():
-    from megarec.tokenizer.text_decoder import MaskedTextDecoder
+    from megarec.methods.utgrec.text_decoder import MaskedTextDecoder
 
     torch.manual_seed(2)
     dec = MaskedTextDecoder(16, 30, 12, 3, heads=2).eval()
@@ -165,7 +165,7 @@ def test_text_decoder_ignores_padding_and_sees_only_h_hat():
 
 
 def test_text_decoder_prior_is_the_smoothed_unigram_distribution():
-    from megarec.tokenizer.text_decoder import MaskedTextDecoder
+    from megarec.methods.utgrec.text_decoder import MaskedTextDecoder
 
     dec = MaskedTextDecoder(16, 6, 12, 3, heads=2)
     ids = torch.tensor([[0, 2, 2], [5, 2, 0]])
@@ -182,8 +182,8 @@ def test_text_decoder_prior_is_the_smoothed_unigram_distribution():
 
 
 def test_model_text_prior_comes_from_the_catalogue_texts():
-    from megarec.tokenizer.content_encoder import TextEncoder
-    from megarec.tokenizer.utgrec_model import UTGRecModel
+    from megarec.methods.utgrec.content_encoder import TextEncoder
+    from megarec.methods.utgrec.model import UTGRecModel
 
     enc = TextEncoder("", 3, max_text_tokens=16)
     model = UTGRecModel(enc, root_size=4, leaf_size=4, code_dim=8, adapter_hidden=16, decoder_dim=16,
@@ -195,7 +195,7 @@ def test_model_text_prior_comes_from_the_catalogue_texts():
 
 
 def test_text_decoder_nll_only_projects_real_tokens():
-    from megarec.tokenizer.text_decoder import MaskedTextDecoder, text_nll
+    from megarec.methods.utgrec.text_decoder import MaskedTextDecoder, text_nll
 
     torch.manual_seed(9)
     dec = MaskedTextDecoder(16, 30, 12, 3, heads=2).eval()
@@ -205,7 +205,7 @@ def test_text_decoder_nll_only_projects_real_tokens():
 
 
 def test_diffusion_loss_matches_naive_formula():
-    from megarec.tokenizer.image_decoder import DiffusionHead
+    from megarec.methods.utgrec.image_decoder import DiffusionHead
 
     torch.manual_seed(3)
     head = DiffusionHead(6, 8, width=16, depth=2, samples_per_token=3)
@@ -231,8 +231,8 @@ def test_diffusion_loss_matches_naive_formula():
 
 
 def test_no_image_batch_gives_zero_not_nan():
-    from megarec.methods.utgrec_tokenizer import reconstruction_loss
-    from megarec.tokenizer.image_decoder import ImageDecoder
+    from megarec.methods.utgrec.tokenizer import reconstruction_loss
+    from megarec.methods.utgrec.image_decoder import ImageDecoder
 
     dec = ImageDecoder(16, 4, 6, 3, heads=2, width=16, depth=1)
     h = torch.randn(3, 3, 16, requires_grad=True)
@@ -244,7 +244,7 @@ def test_no_image_batch_gives_zero_not_nan():
 
 
 def test_image_latents_from_tiny_vae(paths):
-    from megarec.tokenizer.image_decoder import ImageLatents
+    from megarec.methods.utgrec.image_decoder import ImageLatents
 
     lat = ImageLatents(str(paths[1]), image_size=16, patch=2)
     z = lat(torch.stack(_images(2)))
@@ -256,7 +256,7 @@ def test_image_latents_from_tiny_vae(paths):
 
 # ------------------------------------------------------------------------------------------ losses
 def test_alignment_loss_matches_naive_formula():
-    from megarec.methods.utgrec_tokenizer import alignment_loss
+    from megarec.methods.utgrec.tokenizer import alignment_loss
 
     torch.manual_seed(4)
     h, hp = torch.randn(5, 3, 7), torch.randn(5, 3, 7)
@@ -269,9 +269,9 @@ def test_alignment_loss_matches_naive_formula():
 
 
 def _fake_output(B=3, L=3):
-    from megarec.tokenizer.image_decoder import DiffusionOutput
+    from megarec.methods.utgrec.image_decoder import DiffusionOutput
     from megarec.tokenizer.tree import TreeOutput
-    from megarec.tokenizer.utgrec_model import UTGRecOutput
+    from megarec.methods.utgrec.model import UTGRecOutput
 
     torch.manual_seed(5)
     tree = TreeOutput(torch.zeros(B, L, dtype=torch.long), torch.zeros(B, L, 4), torch.zeros(B, L, 4),
@@ -282,7 +282,7 @@ def _fake_output(B=3, L=3):
 
 
 def test_tokenizer_loss_is_eq13_with_paper_defaults():
-    from megarec.methods.utgrec_tokenizer import LossConfig, alignment_loss, tokenizer_loss
+    from megarec.methods.utgrec.tokenizer import LossConfig, alignment_loss, tokenizer_loss
 
     cfg = LossConfig()
     assert (cfg.lambda_code, cfg.alpha, cfg.mu, cfg.eta, cfg.tau) == (200.0, 3.0, 0.01, 0.03, 0.1)
@@ -298,7 +298,7 @@ def test_tokenizer_loss_is_eq13_with_paper_defaults():
 
 
 def test_warmup_schedule_counts_optimizer_steps():
-    from megarec.methods.utgrec_tokenizer import quantizing
+    from megarec.methods.utgrec.tokenizer import quantizing
 
     assert [quantizing(s, 3) for s in range(5)] == [False, False, False, True, True]
     assert quantizing(0, 0)
@@ -338,7 +338,7 @@ def test_tree_dead_code_restart_reseeds_unused_rows():
 
 def test_finetuning_freezes_codebook_embeddings_only(paths):
     from megarec.config import load_config
-    from megarec.methods.utgrec_tokenizer import UTGRecTokenizerConfig, build_model, freeze_for_finetuning
+    from megarec.methods.utgrec.tokenizer import UTGRecTokenizerConfig, build_model, freeze_for_finetuning
     from tests.utgrec_fixtures import tiny_overrides
 
     o = [(k.removeprefix("utgrec."), v) for k, v in tiny_overrides(paths[0], paths[1])]
@@ -352,7 +352,7 @@ def test_finetuning_freezes_codebook_embeddings_only(paths):
 
 def test_model_forward_backward_with_mixed_images(paths):
     from megarec.config import load_config
-    from megarec.methods.utgrec_tokenizer import UTGRecTokenizerConfig, build_model, tokenizer_loss
+    from megarec.methods.utgrec.tokenizer import UTGRecTokenizerConfig, build_model, tokenizer_loss
     from tests.utgrec_fixtures import tiny_overrides
 
     o = [(k.removeprefix("utgrec."), v) for k, v in tiny_overrides(paths[0], paths[1])]
@@ -379,7 +379,7 @@ def test_model_forward_backward_with_mixed_images(paths):
 
 def test_random_init_builds_from_a_config_folder_without_weights(tmp_path):
     """``encoder.random_init``: what tools/device_check.sh uses for a Qwen2-VL-2B-sized model (here tiny sizes)."""
-    from megarec.tokenizer.content_encoder import QwenVLEncoder
+    from megarec.methods.utgrec.content_encoder import QwenVLEncoder
     from tests.tiny_models import QWEN2VL_2B_TEXT, save_qwen2vl_config
 
     text = dict(vocab_size=512, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,

@@ -29,7 +29,7 @@ def _pretrain_override(env) -> list[tuple[str, str]]:
 
 @pytest.fixture(scope="module")
 def pipeline(env):
-    from megarec.train_rec import run_pipeline
+    from megarec.methods.training import run_pipeline
 
     out = env["root"] / "pt"
     res = run_pipeline("utgrec", [env["paths"]["T"]], out, profile="tiny", overrides=_pretrain_override(env),
@@ -56,7 +56,7 @@ def test_every_stage_writes_its_outputs(pipeline):
     for stage in ("tokenizer_pretrain", "rec_pretrain", "tokenizer_finetune"):
         assert json.loads((out / stage / "stage.json").read_text())["done"] is True
     assert 0.0 <= res["test"]["ndcg@10"] <= res["test"]["recall@10"] <= 1.0
-    from megarec.train_rec import load_trained   # `megarec recommend` loads it like a TIGER model
+    from megarec.methods.training import load_trained   # `megarec recommend` loads it like a TIGER model
 
     trained = load_trained(out / "rec")
     items, _ = trained.recommender.recommend([trained.domains[0].sequences[0]], 5)
@@ -91,7 +91,7 @@ def test_finetuned_recommender_starts_from_the_pretrained_one(pipeline):
     from megarec.data.code_vocab import CodeVocab
     from megarec.engine.checkpoint import read_weights
     from megarec.recommender.t5 import GenerativeRecommender
-    from megarec.train_rec import TrainRecConfig
+    from megarec.methods.training import TrainRecConfig
 
     out, _ = pipeline
     cfg = load_config(TrainRecConfig, out / "rec" / "config.yaml")
@@ -111,7 +111,7 @@ def test_rerun_reuses_finished_stages_and_redoes_changed_ones(env, pipeline):
 
     from megarec.methods import get_method
     from megarec.methods.profiles import flatten, load_profile
-    from megarec.train_rec import pipeline_config, read_domains
+    from megarec.methods.training import pipeline_config, read_domains
 
     out, _ = pipeline
     stages = {k: flatten(v) for k, v in load_profile("utgrec", "tiny").stages.items()}
@@ -142,7 +142,7 @@ def test_rerun_reuses_finished_stages_and_redoes_changed_ones(env, pipeline):
 def test_nopt_trains_the_tokenizer_on_the_target_and_the_t5_from_scratch(env):
     """tools/reproduce.py --methods utgrec-nopt: the alias drops the --pretrain domains."""
     from megarec.config import load_config
-    from megarec.train_rec import TrainRecConfig
+    from megarec.methods.training import TrainRecConfig
 
     rep = load_tool("reproduce")
     p = env["paths"]
@@ -180,7 +180,8 @@ def test_stage_command_finetunes_from_given_files(env, pipeline, capsys):
 
 def test_bad_settings_are_clear_errors(env, tmp_path):
     from megarec.config import ConfigError
-    from megarec.train_rec import run_pipeline, main
+    from megarec.train_rec import main
+    from megarec.methods.training import run_pipeline
 
     with pytest.raises(ConfigError, match="also the target"):
         run_pipeline("utgrec", [env["paths"]["T"]], tmp_path / "x", profile="tiny", progress=False,
@@ -196,8 +197,8 @@ def test_every_profile_stage_is_a_valid_config(env, tmp_path):
     """The tokenizer stages of every utgrec profile validate as train_tokenizer.py configs (pre-training and
     fine-tuning), the T5 pre-training keys as a train_rec.py config; the paper settings are the paper's."""
     from megarec.methods.profiles import STANDARD, flatten, load_profile
-    from megarec.methods.utgrec import rec_pretrain_config, tokenizer_config
-    from megarec.train_rec import pipeline_config
+    from megarec.methods.utgrec.stages import rec_pretrain_config, tokenizer_config
+    from megarec.methods.training import pipeline_config
 
     for profile in STANDARD:
         stages = {k: flatten(v) for k, v in load_profile("utgrec", profile).stages.items()}
@@ -222,13 +223,13 @@ def test_seeds_share_one_pretraining_and_the_pretrain_users_are_capped(env, monk
     """tools/reproduce.py with two seeds: tokenizer and T5 are pre-trained once (first seed, in
     OUT/PROFILE/pretrain/utgrec/A+B, on ``utgrec.pretrain_max_users`` users of each domain); each seed
     fine-tunes both on the target with its own seed."""
-    import megarec.train_rec
-    import megarec.train_tokenizer
+    import megarec.methods.training
+    import megarec.methods.utgrec.tokenizer_run
     from megarec.config import load_config
-    from megarec.train_rec import TrainRecConfig
+    from megarec.methods.training import TrainRecConfig
 
     calls: dict[str, list[str]] = {"tok": [], "rec": []}
-    for mod, key in ((megarec.train_tokenizer, "tok"), (megarec.train_rec, "rec")):
+    for mod, key in ((megarec.methods.utgrec.tokenizer_run, "tok"), (megarec.methods.training, "rec")):
         real = mod.run
         monkeypatch.setattr(mod, "run", lambda c, real=real, key=key: calls[key].append(c.train.run_dir) or real(c))
     p, out = env["paths"], env["root"] / "shared"
@@ -248,7 +249,7 @@ def test_seeds_share_one_pretraining_and_the_pretrain_users_are_capped(env, monk
         assert ft["train"]["seed"] == seed
         cfg = load_config(TrainRecConfig, run / "rec" / "config.yaml")
         assert cfg.train.init_from == str((pre / "rec_pretrain" / "model").resolve()) and cfg.train.seed == seed
-    from megarec.train_rec import read_domains
+    from megarec.methods.training import read_domains
     pre_cfg = load_config(TrainRecConfig, pre / "rec_pretrain" / "config.yaml")
     assert [len(d.users) for d in read_domains(pre_cfg.data)] == [20, 20]   # of 30 each
     calls["tok"].clear(), calls["rec"].clear()   # another seed in its own process reuses that pre-training
@@ -265,7 +266,7 @@ def test_runs_sharing_a_stage_folder_take_turns(tmp_path):
     import threading
     import time
 
-    from megarec.methods.utgrec import run_stage
+    from megarec.methods.utgrec.stages import run_stage
 
     done, results = [], []
 

@@ -20,7 +20,7 @@ def env(tmp_path_factory):
 
 def _cfg(env, run_dir: Path, extra=(), qwen=True, vae=True):
     from megarec.config import load_config
-    from megarec.train_tokenizer import TrainTokenizerConfig
+    from megarec.methods.utgrec.tokenizer_config import TrainTokenizerConfig
 
     o = tiny_overrides(env["qwen"] if qwen else None, env["vae"] if vae else None)
     o += [("data.shards", str(env["shards"])), ("train.batch_size", "4"), ("train.max_steps", "4"),
@@ -32,7 +32,7 @@ def _cfg(env, run_dir: Path, extra=(), qwen=True, vae=True):
 
 @pytest.fixture(scope="module")
 def pretrained(env):
-    from megarec.train_tokenizer import run
+    from megarec.methods.utgrec.tokenizer_run import run
 
     run_dir = env["root"] / "pre"
     return run_dir, run(_cfg(env, run_dir))
@@ -55,7 +55,7 @@ def test_pretraining_writes_run_folder_and_unique_codes(pretrained):
 
 def test_finetuning_freezes_E_and_exports_one_domain(env, pretrained):
     from megarec.engine.checkpoint import read_weights
-    from megarec.train_tokenizer import run
+    from megarec.methods.utgrec.tokenizer_run import run
 
     pre_dir, _ = pretrained
     run_dir = env["root"] / "ft"
@@ -78,7 +78,7 @@ def test_text_backend_runs_with_real_minilm(env):
     import logging
 
     from megarec.distributed import get_logger
-    from megarec.train_tokenizer import run
+    from megarec.methods.utgrec.tokenizer_run import run
 
     lines: list[str] = []
     handler = logging.Handler()
@@ -100,7 +100,7 @@ def _corrupt_one_image(shards: Path, out: Path) -> str:
     import shutil
 
     from megarec.data.shard_format import unsafe_key
-    from megarec.tokenizer.item_lookup import _scan
+    from megarec.methods.utgrec.item_lookup import _scan
 
     shutil.copytree(shards, out)
     tar = sorted(out.glob("items-*.tar"))[0]
@@ -114,7 +114,7 @@ def _corrupt_one_image(shards: Path, out: Path) -> str:
 
 def test_bad_images_are_counted_or_fail(env):
     from megarec.data.domain import DataError
-    from megarec.train_tokenizer import run
+    from megarec.methods.utgrec.tokenizer_run import run
 
     bad = env["root"] / "bad_shards"
     _corrupt_one_image(env["shards"], bad)
@@ -129,7 +129,7 @@ def test_bad_images_are_counted_or_fail(env):
 def test_bad_settings_fail_before_training(env, pretrained):
     from megarec.config import ConfigError
     from megarec.data.domain import DataError
-    from megarec.train_tokenizer import run
+    from megarec.methods.utgrec.tokenizer_run import run
 
     with pytest.raises(ConfigError, match="init_from"):
         run(_cfg(env, env["root"] / "x1", [("train.finetune", "true")]))
@@ -161,7 +161,7 @@ def test_megarec_cli_dispatches_method_utgrec(env, capsys):
 def test_export_only_reproduces_the_codes_of_a_trained_tokenizer(env, pretrained):
     """``--init_from RUN --train.epochs 0``: no training, the same codes as the run's own export."""
     from megarec.data.codes import CodesFile
-    from megarec.train_tokenizer import run
+    from megarec.methods.utgrec.tokenizer_run import run
 
     pre_dir, _ = pretrained
     out = env["root"] / "export_only"
@@ -181,7 +181,7 @@ def test_preemption_checkpoints_and_resume_is_exact(env, pretrained, monkeypatch
 
     from megarec.engine import preemption
     from megarec.engine.checkpoint import read_weights
-    from megarec.train_tokenizer import run
+    from megarec.methods.utgrec.tokenizer_run import run
 
     out = env["root"] / "preempted"
     preemption.install(["USR1"])
@@ -216,7 +216,7 @@ def test_preemption_checkpoints_and_resume_is_exact(env, pretrained, monkeypatch
 @pytest.mark.parametrize("name", ["paper", "finetune", "cpu"])
 def test_presets_load(name):
     from megarec.config import load_config
-    from megarec.train_tokenizer import TrainTokenizerConfig
+    from megarec.methods.utgrec.tokenizer_config import TrainTokenizerConfig
 
     path = Path(__file__).resolve().parents[1] / "megarec" / "configs" / f"utgrec_tokenizer_{name}.yaml"
     cfg = load_config(TrainTokenizerConfig, path)
@@ -228,10 +228,10 @@ def test_presets_load(name):
 
 def test_precomputed_latents_replace_the_vae(env):
     from megarec.data.domain import DataError
-    from megarec.tokenizer.image_decoder import ImageLatents
-    from megarec.tokenizer.item_lookup import ItemLookup
-    from megarec.tokenizer.latent_cache import LatentCache, main
-    from megarec.train_tokenizer import run
+    from megarec.methods.utgrec.image_decoder import ImageLatents
+    from megarec.methods.utgrec.item_lookup import ItemLookup
+    from megarec.methods.utgrec.latent_cache import LatentCache, main
+    from megarec.methods.utgrec.tokenizer_run import run
 
     out = env["root"] / "latents.safetensors"
     assert main([str(env["shards"]), "--vae", str(env["vae"]), "--out", str(out), "--image_size", "16"]) == 0
@@ -255,7 +255,7 @@ def test_bf16_zero3_one_rank(env):
     import math
 
     from megarec.engine.checkpoint import read_weights
-    from megarec.train_tokenizer import run
+    from megarec.methods.utgrec.tokenizer_run import run
 
     z3 = json.loads((Path(__file__).resolve().parents[1] / "ds_configs" / "zero3.json").read_text())
     z3["bf16"] = {"enabled": True}
@@ -284,7 +284,8 @@ def test_minilm_codes_of_the_catalogue_do_not_collapse(tmp_path):
     from megarec.data.readers import read_domain
     from megarec.data.sample import SAMPLE_DIR
     from megarec.data.shard_writer import write_shards
-    from megarec.train_tokenizer import TrainTokenizerConfig, run
+    from megarec.methods.utgrec.tokenizer_config import TrainTokenizerConfig
+    from megarec.methods.utgrec.tokenizer_run import run
 
     shards = tmp_path / "shards"
     write_shards([read_domain(SAMPLE_DIR / d) for d in ("Scientific", "Office")], shards, images="none")

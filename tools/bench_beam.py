@@ -36,7 +36,7 @@ from tqdm import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from megarec.cli import format_table  # noqa: E402
+from megarec.formatting import format_table  # noqa: E402
 from megarec.data.code_vocab import CodeVocab  # noqa: E402
 from megarec.recommender.beam_search import beam_search  # noqa: E402
 from megarec.recommender.t5 import GenerativeRecommender, T5RecConfig  # noqa: E402

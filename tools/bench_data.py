@@ -442,7 +442,7 @@ def main(argv: list[str] | None = None) -> int:
         summary["torch_resize_speedup_full_decode_memory"] = ratio("memory, full + torch resize",
                                                                    "memory, naive decode")
 
-    from megarec.cli import format_table
+    from megarec.formatting import format_table
     print(format_table(rows, ["reader", "decoder", "items", "seconds", "items_per_s", "items_per_cpu_s"]))
     print(f"shards_speedup (shards + fast decode vs files + naive decode): {summary['shards_speedup']:.2f}x "
           f"= decoder {summary['decoder_speedup']:.2f}x x format {summary['format_only_speedup']:.2f}x "

@@ -216,7 +216,7 @@ def main(argv: list[str] | None = None) -> int:
     if not args.json:
         p.error("--json FILE is required")
 
-    from megarec.cli import format_table
+    from megarec.formatting import format_table
 
     rows = []
     cfg = QUICK if args.quick else FULL

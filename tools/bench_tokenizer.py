@@ -11,7 +11,7 @@ restarts after every step, fp32, one CPU rank.
 
 - ``plain``: the batches are built before timing; ``out = model(...); loss = tokenizer_loss(out);
   loss.backward(); opt.step(); sched.step(); opt.zero_grad(); restart_dead_codes()``;
-- ``megarec``: :func:`megarec.train_tokenizer.run` (DeepSpeed engine, ZeRO stage 0 built-in config,
+- ``megarec``: :func:`megarec.methods.utgrec.tokenizer_run.run` (DeepSpeed engine, ZeRO stage 0 built-in config,
   shard reader, batch building from the shards inside the loop, codebook usage counts, TensorBoard
   per ``log_every``); its time is the run's own ``train_s`` (training steps only: not the held-out
   collision rate, the checkpoint or the code export that follow).
@@ -35,14 +35,14 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from megarec.cli import format_table  # noqa: E402
+from megarec.formatting import format_table  # noqa: E402
 
 PRESET = Path(__file__).resolve().parents[1] / "megarec" / "configs" / "utgrec_tokenizer_cpu.yaml"
 
 
 def make_config(shards: Path, run_dir: Path, steps: int, batch: int):
     from megarec.config import load_config
-    from megarec.train_tokenizer import TrainTokenizerConfig
+    from megarec.methods.utgrec.tokenizer_config import TrainTokenizerConfig
 
     return load_config(TrainTokenizerConfig, PRESET, [
         ("data.shards", str(shards)), ("data.heldout_items", "0"), ("data.shuffle_buffer", "64"),
@@ -55,9 +55,9 @@ def make_config(shards: Path, run_dir: Path, steps: int, batch: int):
 def plain_batches(cfg, steps: int) -> list:
     """The first ``steps`` batches of the shards, built as train_tokenizer.py builds them."""
     from megarec.data.shards import ShardDataset, ShardLoader
-    from megarec.methods.utgrec_tokenizer import build_model
-    from megarec.tokenizer.item_lookup import ItemLookup
-    from megarec.methods.utgrec_batches import Batcher
+    from megarec.methods.utgrec.tokenizer import build_model
+    from megarec.methods.utgrec.item_lookup import ItemLookup
+    from megarec.methods.utgrec.batches import Batcher
 
     torch.manual_seed(cfg.train.seed)
     model, latents = build_model(cfg.utgrec)
@@ -77,7 +77,7 @@ def plain_batches(cfg, steps: int) -> list:
 def plain_loop(cfg, batches: list) -> float:
     """Seconds for all ``batches`` from a fresh model and optimizer."""
     from megarec.engine.deepspeed_setup import WarmupCosine
-    from megarec.methods.utgrec_tokenizer import build_model, tokenizer_loss
+    from megarec.methods.utgrec.tokenizer import build_model, tokenizer_loss
 
     torch.manual_seed(cfg.train.seed)
     model, _ = build_model(cfg.utgrec)
@@ -119,7 +119,7 @@ def main(argv=None) -> int:
     from megarec.data.sample import load_sample
     from megarec.data.shards import write_shards
     from megarec.engine.deepspeed_setup import init_distributed
-    from megarec.train_tokenizer import run
+    from megarec.methods.utgrec.tokenizer_run import run
 
     init_distributed()
     rows: dict[str, list[float]] = {"plain": [], "megarec": []}

@@ -51,7 +51,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from megarec.cli import format_table  # noqa: E402
+from megarec.formatting import format_table  # noqa: E402
 from megarec.data.code_sequences import CodeSequenceData  # noqa: E402
 from megarec.data.codes import CodesFile  # noqa: E402
 from megarec.engine.deepspeed_setup import WarmupCosine  # noqa: E402
@@ -114,7 +114,7 @@ def grouped_vs_random(paths: list[str], repeats: int, run_root: Path, batch_size
     from megarec.config import load_config
     from megarec.data.readers import read_domain
     from megarec.engine.sampler import grouped_epoch_batches
-    from megarec.train_rec import TrainRecConfig, profile_layer
+    from megarec.methods.training import TrainRecConfig, profile_layer
 
     domains = [read_domain(p) for p in paths]
     cfg = load_config(TrainRecConfig, None, [("method", "tiger"), ("train.batch_size", str(batch_size))],
@@ -170,7 +170,7 @@ def main(argv=None) -> int:
     from megarec.data.sample import sample_paths
     from megarec.engine.deepspeed_setup import init_distributed
     from megarec.methods import tiger
-    from megarec.train_rec import TrainRecConfig
+    from megarec.methods.training import TrainRecConfig
 
     steps = args.steps or (20 if args.quick else 30)
     bs = args.batch_size or (64 if args.quick else 256)

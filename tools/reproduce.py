@@ -45,7 +45,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from megarec.cli import format_table  # noqa: E402
+from megarec.formatting import format_table  # noqa: E402
 
 METRICS = ("recall@5", "recall@10", "ndcg@5", "ndcg@10")
 
@@ -123,7 +123,7 @@ def main(argv=None) -> int:
     from megarec.data.readers import read_domain
     from megarec.methods import method_names
     from megarec.methods.profiles import load_profile
-    from megarec.train_rec import run_pipeline
+    from megarec.methods.training import run_pipeline
 
     if args.pretrain_seed is not None and args.pretrain_per_seed:
         ap.error("--pretrain_seed names the seed of one shared pre-training; --pretrain_per_seed pre-trains with "

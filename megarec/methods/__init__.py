@@ -14,11 +14,11 @@ if TYPE_CHECKING:
     from megarec.methods.base import Method
 
 REGISTRY: dict[str, str] = {
-    "sasrec": "megarec.methods.sasrec:SASRecMethod",
-    "tiger": "megarec.methods.tiger:TigerMethod",
-    "etegrec": "megarec.methods.etegrec:ETEGRecMethod",
-    "unigrec": "megarec.methods.unigrec:UniGRecMethod",
-    "utgrec": "megarec.methods.utgrec:UTGRecMethod",
+    "sasrec": "megarec.methods.sasrec.plugin:SASRecMethod",
+    "tiger": "megarec.methods.tiger.plugin:TigerMethod",
+    "etegrec": "megarec.methods.etegrec.plugin:ETEGRecMethod",
+    "unigrec": "megarec.methods.unigrec.plugin:UniGRecMethod",
+    "utgrec": "megarec.methods.utgrec.plugin:UTGRecMethod",
 }
 
 DEFAULT_METHOD = "tiger"   # of a run config that names none

@@ -13,7 +13,9 @@ import torch
 
 from megarec.distributed import get_rank, get_world_size
 from megarec.engine.sampler import eval_batches
+from megarec.recommender.beam_search import beam_search
 from megarec.recommender.metrics import RankingMetrics
+from megarec.recommender.trie import ItemTrie
 
 
 def evaluate_domains(per_domain: Sequence, domain_names: Sequence[str],
@@ -43,3 +45,21 @@ def evaluate_domains(per_domain: Sequence, domain_names: Sequence[str],
             out.update({f"{domain_names[d]}/{k}": v for k, v in own.compute(device).items()})
     out.update(pooled.compute(device))
     return out
+
+
+@torch.no_grad()
+def evaluate_beam(t5: torch.nn.Module, tries: Sequence[ItemTrie], offsets: Sequence[int], per_domain: Sequence,
+                  domain_names: Sequence[str], beam_size: int, batch_size: int, device: torch.device | str,
+                  ks: Sequence[int] = (5, 10)) -> dict[str, float]:
+    """Recall/NDCG@K of a generative recommender: trie-constrained beam search over each domain's items
+    (``tries[d]`` holds domain ``d``'s items, local indices; ``offsets[d]`` makes them global)."""
+    from megarec.config import ConfigError
+
+    if beam_size < max(ks):
+        raise ConfigError(f"beam_size ({beam_size}) must be >= the largest K ({max(ks)})")
+
+    def rank_batch(d: int, b: dict[str, torch.Tensor]) -> torch.Tensor:
+        items, _ = beam_search(t5, b["input_ids"], b["attention_mask"], tries[d], beam_size)
+        return torch.where(items >= 0, items + int(offsets[d]), items)
+
+    return evaluate_domains(per_domain, domain_names, rank_batch, batch_size, device, ks)

@@ -252,3 +252,25 @@ def codes_for(domains: Domains, cfg: TokenizerConfig, out_dir: str | Path, embed
 def summary_rows(stats: dict[str, Any]) -> list[dict[str, Any]]:
     """One row per level (usage, perplexity, entropy) for a printed table."""
     return [{"level": i + 1, **s} for i, s in enumerate(stats["levels"])]
+
+
+def domains_summary(stats: dict[str, Any]) -> str | None:
+    """With several domains: their item counts and how many items shared an ID across domains before resolution."""
+    if len(stats.get("domains", {})) <= 1:
+        return None
+    return (f"{len(stats['domains'])} domains in one code space ("
+            + ", ".join(f"{n}: {k:,} items" for n, k in stats["domains"].items())
+            + f"); items sharing an ID with another domain's item before resolution: "
+            f"{stats.get('cross_domain_collision_rate_before', 0.0):.4f}")
+
+
+def stage_codes(domains: Sequence[Domain], out_dir: str | Path, settings: Sequence[tuple[str, Any]],
+                base: Sequence[tuple[str, str]] = (), forced: Sequence[tuple[str, str]] = (),
+                embeddings: str | Path | None = None, progress: bool = True) -> tuple[Path, dict[str, Any]]:
+    """A method's RQ-VAE pipeline stage: the TokenizerConfig of ``base`` (the method's defaults, e.g. the
+    run's seed) < ``settings`` (a profile's ``stages.tokenizer`` keys, YAML values) < ``forced``, then
+    :func:`codes_for` in ``out_dir`` (reused when made with the same settings)."""
+    from megarec.config import load_config, override_value
+
+    cfg = load_config(TokenizerConfig, None, [*base, *((k, override_value(v)) for k, v in settings), *forced])
+    return codes_for(list(domains), cfg, out_dir, embeddings, progress=progress)

@@ -10,7 +10,7 @@ anchors are quantised; their ``H_hat`` reconstructs their own content (L_Raw, Eq
 positives' content (L_Re, Eq. 12) in one decoder call over ``2B`` rows. :meth:`UTGRecModel.forward`
 calls every submodule on every rank at every step (ZeRO-3 gathers parameters in forward hooks,
 so a rank that skipped one would hang the others); the method module
-(:mod:`megarec.methods.utgrec_tokenizer`) turns its outputs into ``L_T`` (Eq. 13).
+(:mod:`megarec.methods.utgrec.tokenizer`) turns its outputs into ``L_T`` (Eq. 13).
 """
 from __future__ import annotations
 
@@ -19,9 +19,9 @@ from typing import NamedTuple
 import torch
 from torch import nn
 
-from megarec.tokenizer.content_encoder import ContentEncoder
-from megarec.tokenizer.image_decoder import DiffusionOutput, ImageDecoder
-from megarec.tokenizer.text_decoder import MaskedTextDecoder
+from megarec.methods.utgrec.content_encoder import ContentEncoder
+from megarec.methods.utgrec.image_decoder import DiffusionOutput, ImageDecoder
+from megarec.methods.utgrec.text_decoder import MaskedTextDecoder
 from megarec.tokenizer.tree import TreeCodebooks, TreeOutput
 
 
@@ -67,7 +67,7 @@ class UTGRecModel(nn.Module):
 
     def init_text_prior(self, texts: list[str]) -> None:
         """Start the text decoder at the unigram distribution of ``texts`` (the catalogue's item texts, as
-        reconstructed: at most ``max_text_tokens`` each); see :mod:`megarec.tokenizer.text_decoder`."""
+        reconstructed: at most ``max_text_tokens`` each); see :mod:`megarec.methods.utgrec.text_decoder`."""
         ids, mask = self.encoder.text_targets(texts, self.max_text_tokens)
         self.text_decoder.init_prior(ids[mask])
 

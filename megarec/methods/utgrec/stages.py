@@ -1,26 +1,8 @@
-"""UTGRec stage 2 (Zheng et al., Sec. 2.4) as a plug-in of ``train_rec.py``: ``method: utgrec``.
+"""UTGRec's transfer pipeline (Sec. 2.4), stage by stage; see :mod:`megarec.methods.utgrec.plugin`.
 
-The recommender of UTGRec is TIGER's: a T5 over the items' codes, trained with the
-next-item NLL (Eq. 14) and decoded with trie-constrained beam search. This module reuses
-:mod:`megarec.methods.tiger` for all of that (the T5 settings are the ``tiger:`` section)
-and adds the transfer pipeline around it (:meth:`UTGRecMethod.prepare_inputs`):
-
-1. ``shards``             item shards of the pre-training domains and of the target domain(s);
-2. ``tokenizer_pretrain`` the universal tokenizer pre-trained on the pre-training domains
-                          (:func:`megarec.train_tokenizer.run`), codes of their items exported
-                          over the merged catalogue (unique across domains, Sec. 2.4.1);
-3. ``rec_pretrain``       the T5 pre-trained on the mixed code sequences of those domains
-                          (:func:`megarec.train_rec.run`, ``method: utgrec``);
-4. ``tokenizer_finetune`` the tokenizer fine-tuned on the target (Sec. 2.4.2: ``E^r, E^f`` frozen,
-                          ``W`` trained, L fixed) and the target's codes exported;
-5. the caller's ``run(cfg)`` fine-tunes the pre-trained T5 on the target's codes
-   (``data.codes`` and ``train.init_from`` are set here).
-
-Without pre-training domains (``utgrec.pretrain_paths`` empty: the ``utgrec-nopt`` ablation,
-the paper's "w/o PT") the tokenizer is trained on the target only (stage ``tokenizer``) and the
-T5 from scratch. Each stage writes its own folder under the pipeline's ``out_dir`` with a
-``stage.json`` (settings fingerprint, result); a rerun skips a finished stage made with the same
-settings, resumes an unfinished one from its checkpoints, and redoes one whose settings changed.
+Each stage writes its own folder under the pipeline's ``out_dir`` with a ``stage.json``
+(settings fingerprint, result); a rerun skips a finished stage made with the same settings,
+resumes an unfinished one from its checkpoints, and redoes one whose settings changed.
 """
 from __future__ import annotations
 
@@ -34,15 +16,13 @@ from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 import numpy as np
 
-from megarec.config import ConfigError, field, load_config, to_dict
+from megarec.config import ConfigError, load_config, override_value, to_dict
 from megarec.data.codes import CodesFile
 from megarec.data.domain import Domain
 from megarec.distributed import get_logger
-from megarec.methods import tiger
-from megarec.methods.tiger import TigerMethod, _as_arg
 
 if TYPE_CHECKING:
-    from megarec.train_rec import TrainRecConfig
+    from megarec.methods.training import TrainRecConfig
 
 STAMP = "stage.json"
 STAMP_FORMAT = "megarec-utgrec-stage/1"
@@ -51,22 +31,6 @@ CODES = "codes.safetensors"
 # Tokenizer settings the pipeline uses unless the profile's stages say otherwise: the CPU text
 # backend (bundled all-MiniLM-L6-v2) and no image decoder.
 TOKENIZER_DEFAULTS: dict[str, Any] = {"utgrec": {"encoder": {"backend": "text"}}}
-
-
-@dataclasses.dataclass
-class UTGRecRecConfig:
-    """``utgrec:`` section of ``train_rec.py`` (the transfer pipeline; the T5 itself is the ``tiger:`` section)."""
-    pretrain_paths: list[str] = field(default_factory=list,
-                                      help="domains (folders or files) the tokenizer and the T5 are pre-trained on "
-                                           "before fine-tuning on data.paths (pipeline only; empty = no pre-training, "
-                                           "the utgrec-nopt ablation)")
-    pretrain_dir: str = field("", help="folder of the pre-training stages (shards/pretrain, tokenizer_pretrain, "
-                                       "rec_pretrain); empty = the run's own folder. Runs that share it (seeds, "
-                                       "targets) share one pre-training: a stage is reused when its settings match")
-    pretrain_seed: int = field(-1, min=-1, help="seed of the pre-training stages (-1 = train.seed); fix it to share "
-                                                "one pre-training between runs of different seeds")
-    pretrain_max_users: int = field(0, min=0, help="data.max_users of the pre-training domains: at most this many "
-                                                   "users of each, a fixed random subset (0 = all)")
 
 
 # --------------------------------------------------------------------------- stage bookkeeping
@@ -154,14 +118,14 @@ def tokenizer_config(cfg: "TrainRecConfig", shards: Path, run_dir: Path, setting
                      forced: Sequence[tuple[str, str]] = (), seed: int | None = None) -> Any:
     """A ``train_tokenizer.py`` config: :data:`TOKENIZER_DEFAULTS` < the run's seed (or ``seed``) / threads /
     text fields < ``settings`` (a profile's ``stages.tokenizer`` keys, CLI strings or YAML values) < ``forced``."""
-    from megarec.train_tokenizer import TrainTokenizerConfig
+    from megarec.methods.utgrec.tokenizer_config import TrainTokenizerConfig
 
     seed = cfg.train.seed if seed is None else seed
     base = [("train.seed", str(seed)), ("train.cpu_threads", str(cfg.train.cpu_threads)),
             ("train.progress", str(cfg.train.progress))]
     if cfg.data.text_fields:
-        base.append(("data.text_fields", _as_arg(cfg.data.text_fields)))
-    over = base + [(k, _as_arg(v)) for k, v in settings] + [("data.shards", str(shards)),
+        base.append(("data.text_fields", override_value(cfg.data.text_fields)))
+    over = base + [(k, override_value(v)) for k, v in settings] + [("data.shards", str(shards)),
                                                             ("train.run_dir", str(run_dir)), *forced]
     return load_config(TrainTokenizerConfig, None, over, base=[("utgrec pipeline defaults", TOKENIZER_DEFAULTS)])
 
@@ -178,7 +142,7 @@ def _tokenizer_settings(tok_cfg: Any, upstream: Sequence[str]) -> dict[str, Any]
 def train_tokenizer_stage(tok_cfg: Any, upstream: Sequence[str]) -> tuple[Path, dict[str, Any]]:
     """Train (or fine-tune) the UTGRec tokenizer of ``tok_cfg`` and export its codes; returns the run folder
     and a summary (steps, time, held-out collision rate, codes statistics)."""
-    from megarec.train_tokenizer import run
+    from megarec.methods.utgrec.tokenizer_run import run
 
     folder = Path(tok_cfg.train.run_dir)
     spec = _tokenizer_settings(tok_cfg, upstream)
@@ -208,20 +172,20 @@ def rec_pretrain_config(cfg: "TrainRecConfig", paths: Sequence[str], codes: Path
     of each) and their codes, with the pre-training seed and no pre-training of its own, then the
     ``stages.rec_pretrain`` keys (e.g. ``train.epochs``, ``train.lr``). Nothing of the target is left in it,
     so runs on other targets or seeds that share ``utgrec.pretrain_dir`` get the same settings."""
-    from megarec.train_rec import TrainRecConfig
+    from megarec.methods.training import TrainRecConfig
 
     over = [("data.paths", ",".join(paths)), ("data.codes", str(codes)),
             ("data.max_users", str(cfg.utgrec.pretrain_max_users)), ("train.seed", str(pretrain_seed(cfg))),
             ("utgrec.pretrain_paths", ""), ("utgrec.pretrain_dir", ""), ("utgrec.pretrain_seed", "-1"),
             ("utgrec.pretrain_max_users", "0"),
             ("train.init_from", ""), ("train.resume", "false"), ("train.run_dir", str(run_dir))]
-    return load_config(TrainRecConfig, None, over + [(k, _as_arg(v)) for k, v in settings],
+    return load_config(TrainRecConfig, None, over + [(k, override_value(v)) for k, v in settings],
                        base=[("the utgrec run config", to_dict(cfg))])
 
 
 def rec_pretrain_stage(rcfg: Any, upstream: Sequence[str]) -> tuple[Path, dict[str, Any]]:
-    """Stage ``rec_pretrain``: :func:`megarec.train_rec.run` on the pre-training domains' codes."""
-    from megarec.train_rec import run
+    """Stage ``rec_pretrain``: :func:`megarec.methods.training.run` on the pre-training domains' codes."""
+    from megarec.methods.training import run
 
     folder = Path(rcfg.train.run_dir)
     d = to_dict(rcfg)
@@ -270,7 +234,7 @@ def utgrec_pipeline(cfg: "TrainRecConfig", domains: Sequence[Domain], out_dir: P
     ``cfg.train.init_from``). ``stages``: stage name -> ``[(key, value)]`` (a profile's ``stages:``
     flattened): ``shards``, ``tokenizer`` (pre-training, and the from-scratch tokenizer of nopt),
     ``tokenizer_finetune`` (on top of ``tokenizer``), ``rec_pretrain`` (train_rec keys)."""
-    from megarec.train_rec import read_domains
+    from megarec.methods.training import read_domains
 
     out_dir = Path(out_dir)
     tok_keys = list(stages.get("tokenizer", []))
@@ -306,32 +270,3 @@ def utgrec_pipeline(cfg: "TrainRecConfig", domains: Sequence[Domain], out_dir: P
     cfg.data.codes = str((ft_dir / CODES).resolve())
     cfg.train.init_from = str((rec_dir / "model").resolve())
     return out
-
-
-# --------------------------------------------------------------------------- plug-in
-class UTGRecMethod(TigerMethod):
-    """``method: utgrec`` (plug-in of :mod:`megarec.train_rec`): TIGER's T5 and decoding on UTGRec codes,
-    with the multi-domain pre-training / per-domain fine-tuning pipeline of Sec. 2.4."""
-
-    name = "utgrec"
-    config_section = "utgrec"
-    config_cls = UTGRecRecConfig
-    sections_used = ("tiger",)          # the T5 (GenerativeRecommender) settings
-    pretrain_key = "utgrec.pretrain_paths"   # run-config key naming the pre-training domains (quickstart, reproduce)
-    pretrain_dir_key = "utgrec.pretrain_dir"     # where the pre-training stages go (shared between runs)
-    pretrain_seed_key = "utgrec.pretrain_seed"   # their seed (fixed when shared between seeds)
-
-    def prepare_inputs(self, cfg: "TrainRecConfig", domains: Sequence[Domain], out_dir: Path,
-                       stages: dict[str, Any], progress: bool = True) -> dict[str, Any]:
-        """The pipeline stages (:func:`utgrec_pipeline`); nothing when ``data.codes`` is given (the user
-        ran the stages, e.g. one command per stage)."""
-        if cfg.data.codes:
-            return {}
-        return utgrec_pipeline(cfg, domains, out_dir, stages, progress)
-
-    def prepare(self, cfg: "TrainRecConfig", domains: Sequence[Domain]) -> Any:
-        if not cfg.data.codes:
-            raise ConfigError("method utgrec needs data.codes: the codes file of a UTGRec tokenizer run "
-                              "(`megarec/train_tokenizer.py`, RUN/codes.safetensors), or run the whole pipeline "
-                              "(`megarec quickstart` / train_rec.run_pipeline)")
-        return tiger.prepare(cfg, domains)

@@ -24,7 +24,7 @@ import torch
 
 from megarec.config import field
 from megarec.kernels import infonce
-from megarec.tokenizer.utgrec_model import UTGRecModel, UTGRecOutput
+from megarec.methods.utgrec.model import UTGRecModel, UTGRecOutput
 
 
 @dataclasses.dataclass
@@ -64,7 +64,7 @@ class DecoderConfig:
     dropout: float = field(0.1, min=0.0, max=0.99)
     max_text_tokens: int = field(128, min=1, help="text tokens reconstructed per item (Eq. 8)")
     vae_path: str = field("", help="diffusers AutoencoderKL folder for image latents (empty = no image loss)")
-    latents_file: str = field("", help="precomputed VAE latents (python -m megarec.tokenizer.latent_cache); "
+    latents_file: str = field("", help="precomputed VAE latents (python -m megarec.methods.utgrec.latent_cache); "
                                        "replaces vae_path: no VAE runs during training")
     vae_image_size: int = field(256, min=8, help="images are resized to this square size for the VAE")
     latent_patch: int = field(2, min=1, help="latent tokens are p x p patches of the VAE latent")
@@ -95,8 +95,8 @@ class UTGRecTokenizerConfig:
 def build_model(cfg: UTGRecTokenizerConfig, gpu: bool = False):
     """``(UTGRecModel, image targets)``: targets are an ``ImageLatents`` (the VAE, kept outside the model: frozen,
     not partitioned), a ``LatentCache`` (``decoder.latents_file``) or ``None`` (no image loss)."""
-    from megarec.tokenizer.content_encoder import build_content_encoder
-    from megarec.tokenizer.image_decoder import ImageLatents
+    from megarec.methods.utgrec.content_encoder import build_content_encoder
+    from megarec.methods.utgrec.image_decoder import ImageLatents
 
     e = cfg.encoder
     ckpt = e.gradient_checkpointing == "on" or (e.gradient_checkpointing == "auto" and gpu)
@@ -106,7 +106,7 @@ def build_model(cfg: UTGRecTokenizerConfig, gpu: bool = False):
                                     max_text_tokens=e.max_text_tokens, image_size=e.image_size,
                                     gradient_checkpointing=ckpt)
     d = cfg.decoder
-    from megarec.tokenizer.latent_cache import LatentCache
+    from megarec.methods.utgrec.latent_cache import LatentCache
 
     if d.latents_file:
         latents = LatentCache(d.latents_file)

@@ -3,7 +3,7 @@
 - :class:`ImageLatents`: a frozen diffusers ``AutoencoderKL`` turns an item image into
   latent tokens ``[|V|, C p^2]`` (the latent's mode times the VAE's scaling factor,
   cut into p x p patches);
-- :class:`~megarec.tokenizer.text_decoder.MaskedDecoderLayer` over ``[H_hat, |V| mask
+- :class:`~megarec.methods.utgrec.text_decoder.MaskedDecoderLayer` over ``[H_hat, |V| mask
   tokens]`` gives one condition per latent token (``Dec^v``);
 - :class:`DiffusionHead`: a small MLP denoiser with AdaLN conditioning (as in "Autoregressive
   Image Generation without Vector Quantization", the paper's ref. [20]) trained to predict the
@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from megarec.tokenizer.text_decoder import MaskedDecoderLayer
+from megarec.methods.utgrec.text_decoder import MaskedDecoderLayer
 
 
 class ImageLatents(nn.Module):

@@ -7,7 +7,7 @@ Two stages (Sec. 3.5, Algorithm 1):
    train-tokenizer --rqvae.quantizer soft``): a soft RQ-VAE on item text embeddings,
    ``L_Pre = L_Recon + lambda_CU L_CU`` with tau annealed linearly from tau_max to
    tau_min (Eqs. 14, 16, 17, 21): :mod:`megarec.tokenizer.soft`, :mod:`megarec.tokenizer.train`.
-2. **Joint training** (this module, :mod:`megarec.methods.unigrec_model`): tau fixed at
+2. **Joint training** (this module, :mod:`megarec.methods.unigrec.model`): tau fixed at
    tau_min, soft identifiers into the T5 encoder (Eq. 15), one optimiser with two
    parameter groups (recommender at ``train.lr``, tokenizer at ``unigrec.tokenizer_lr``),
    ``L_Joint = L_Rec + lambda_Recon L_Recon + lambda_T L_CD^T + lambda_R L_CD^R`` (Eq. 22).
@@ -22,8 +22,8 @@ The SASRec teacher (its item embeddings) and the pre-trained tokenizer are files
 
 The sample/code helpers shared with ETEGRec (histories as item indices, the code table,
 code regeneration and its statistics, the teacher stage) come from
-:mod:`megarec.methods.etegrec_data`, evaluation on the current codes from
-:mod:`megarec.methods.etegrec`.
+:mod:`megarec.methods.joint.samples`, evaluation on the current codes from
+:mod:`megarec.methods.etegrec.plugin`.
 """
 from __future__ import annotations
 
@@ -34,32 +34,36 @@ from typing import TYPE_CHECKING, Any, Sequence
 import numpy as np
 import torch
 
-from megarec.config import ConfigError, TokenizerConfig, field, load_config
+from megarec.config import ConfigError, TokenizerConfig, field
 from megarec.data.code_vocab import CodeVocab
 from megarec.data.domain import DataError, Domain, MultiDomain
 from megarec.data.embeddings import load_item_embeddings
 from megarec.data.splits import leave_one_out
 from megarec.engine.trainer import TrainTask
-from megarec.methods import etegrec_data as shared
-from megarec.methods.etegrec import evaluate as evaluate_on_codes
 from megarec.methods.base import Method
-from megarec.methods.code_regeneration import CodeRegeneration
-from megarec.methods.unigrec_losses import joint_loss
-from megarec.methods.unigrec_model import UniGRecModel, UniGRecTerms
-from megarec.recommender.t5 import GenerativeRecommender, T5RecConfig
-from megarec.tokenizer.assign import CollisionError
+from megarec.methods.joint import samples as shared
+from megarec.methods.joint.config import JointCodesConfig
+from megarec.methods.joint.evaluation import evaluate_on_codes
+from megarec.methods.joint.inference import trained_codes, trained_recommender
+from megarec.methods.joint.regeneration import CodeRegeneration
+from megarec.methods.joint.stages import teacher_embeddings
+from megarec.methods.unigrec.losses import joint_loss
+from megarec.methods.unigrec.model import UniGRecModel, UniGRecTerms
+from megarec.recommender.t5 import GenerativeRecommender
+from megarec.tokenizer.commands import stage_codes
 from megarec.tokenizer.rqvae import RQVAE
 
 if TYPE_CHECKING:
-    from megarec.train_rec import TrainRecConfig
+    from megarec.methods.training import TrainRecConfig
 
 TOKENIZER_PREFIX = "tokenizer."
 
 
 @dataclass
-class UniGRecConfig:
+class UniGRecConfig(JointCodesConfig):
     """``unigrec:`` section. Defaults: the paper (Sec. 4.1.4); see docs/README_unigrec.md."""
-    t5: T5RecConfig = field(default_factory=T5RecConfig)
+    section = "unigrec"
+
     tokenizer: str = field("", help="soft RQ-VAE folder from stage 1 (`megarec train-tokenizer --rqvae.quantizer "
                                     "soft`, text input); empty = the pipeline trains it")
     teacher: str = field("", help="SASRec item-embedding file (`megarec export-embeddings`), the distillation "
@@ -80,12 +84,6 @@ class UniGRecConfig:
     cd_t_tau: float = field(0.0, min=0.0, help="temperature of the code distributions of L_CD^T (Eq. 18; 0 = the "
                                                "tokenizer's stage-2 tau, as the paper; the public code uses none, "
                                                "i.e. 1)")
-    collisions: str = field("dedup", choices=("dedup", "utgrec"),
-                            help="collision policy of the regenerated codes: dedup = one more token per item "
-                                 "(the paper, after TIGER); utgrec = move colliding last codes to free codes")
-    collision_codes: int = field(256, min=1, help="dedup: size of the extra level (fixed, so the vocabulary never "
-                                                  "changes; more identical IDs than this is an error)")
-    codes_batch_size: int = field(4096, min=1, help="items per batch when codes are regenerated")
 
 
 # --------------------------------------------------------------------------- samples
@@ -136,15 +134,6 @@ def uses_teacher(s: UniGRecConfig) -> bool:
     return s.cd_t_weight > 0 or s.cd_r_weight > 0
 
 
-def item_codes(tokenizer: RQVAE, item_emb: torch.Tensor, item_keys: Sequence[str], s: UniGRecConfig
-               ) -> tuple[torch.Tensor, dict[str, Any]]:
-    """Every item's collision-free hard codes (argmax of Eq. 14 at the tokenizer's tau); a collective."""
-    try:
-        return shared.item_codes(tokenizer, item_emb, item_keys, s)
-    except CollisionError as e:
-        raise CollisionError(f"{e} (here: unigrec.collision_codes / unigrec.collisions)") from e
-
-
 def tokenizer_inputs(folder: str | Path, domains: Sequence[Domain]) -> tuple[RQVAE, TokenizerConfig, torch.Tensor]:
     """The stage-1 tokenizer and its input for every item (text embeddings cached in its folder)."""
     from megarec.tokenizer.commands import catalogue_inputs
@@ -174,7 +163,7 @@ def prepare(cfg: "TrainRecConfig", domains: Sequence[Domain]) -> UniGRecData:
     teacher = load_item_embeddings(s.teacher, keys)[0].float() if uses_teacher(s) else None
     tau = s.tau if s.tau > 0 else tok_cfg.rqvae.tau_min
     tokenizer.tau.fill_(tau)
-    codes, stats = item_codes(tokenizer, x, keys, s)
+    codes, stats = shared.item_codes(tokenizer, x, keys, s)
     sizes = list(tokenizer.codebook_sizes) + ([s.collision_codes] if s.collisions == "dedup" else [])
     vocab = CodeVocab(sizes)
     table = shared.CodeTable(vocab, codes)
@@ -239,7 +228,7 @@ class Schedule(CodeRegeneration):
             self.regenerate(epoch + 1)
 
     def new_codes(self) -> tuple[torch.Tensor, dict[str, Any]]:
-        return item_codes(self.model.tokenizer, self.model.item_emb, self.data.item_keys, self.s)
+        return shared.item_codes(self.model.tokenizer, self.model.item_emb, self.data.item_keys, self.s)
 
     def loss(self, engine, b: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         terms = engine(b["items"], b["counts"], b["input_ids"], b["attention_mask"], b["labels"], b["targets"])
@@ -265,8 +254,8 @@ def load_recommender(cfg: "TrainRecConfig", state: dict[str, torch.Tensor], mult
                      candidates: np.ndarray):
     """The trained T5 and the hard codes it was selected with (both in ``model.safetensors``)."""
     s: UniGRecConfig = cfg.unigrec
-    codes = shared.trained_codes(state, multi, s.collisions, s.collision_codes, "unigrec")
-    return shared.trained_recommender(s.t5, state, codes, candidates, cfg.data.max_len, cfg.train.beam_size)
+    codes = trained_codes(state, multi, s.collisions, s.collision_codes, "unigrec")
+    return trained_recommender(s.t5, state, codes, candidates, cfg.data.max_len, cfg.train.beam_size)
 
 
 # --------------------------------------------------------------------------- pipeline stages
@@ -276,18 +265,15 @@ def pretrain_tokenizer(cfg: "TrainRecConfig", domains: Sequence[Domain], out_dir
     keys in ``settings``; ``rqvae.quantizer`` is forced to soft; its codes file uses the dedup policy
     unless told otherwise -- stage 2 makes its own codes). Reused when ``out_dir`` holds one trained
     with the same settings."""
-    from megarec.tokenizer.commands import codes_for
-
     for d in domains:
         d.require_text("unigrec")
-    tok_cfg = load_config(TokenizerConfig, None, [("seed", str(cfg.train.seed)), ("collisions", "dedup")]
-                          + [(k, shared._as_arg(v)) for k, v in settings] + [("rqvae.quantizer", "soft")])
-    _, stats = codes_for(list(domains), tok_cfg, out_dir, progress=progress)
+    _, stats = stage_codes(domains, out_dir, settings, base=[("seed", str(cfg.train.seed)), ("collisions", "dedup")],
+                           forced=[("rqvae.quantizer", "soft")], progress=progress)
     return out_dir, stats
 
 
 class UniGRecMethod(Method):
-    """``method: unigrec`` (plug-in of :mod:`megarec.train_rec`)."""
+    """``method: unigrec`` (plug-in of :mod:`megarec.methods.training`)."""
 
     name = "unigrec"
     config_section = "unigrec"
@@ -299,7 +285,7 @@ class UniGRecMethod(Method):
         s: UniGRecConfig = cfg.unigrec
         out: dict[str, Any] = {}
         if uses_teacher(s) and not s.teacher:
-            path, out["teacher"] = shared.teacher_embeddings(cfg, out_dir / "teacher", stages.get("teacher", []),
+            path, out["teacher"] = teacher_embeddings(cfg, out_dir / "teacher", stages.get("teacher", []),
                                                              progress)
             s.teacher = str(path.resolve())
         if not s.tokenizer:

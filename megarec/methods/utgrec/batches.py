@@ -13,10 +13,10 @@ from typing import TYPE_CHECKING, Sequence
 import numpy as np
 import torch
 
-from megarec.tokenizer.latent_cache import LatentCache
+from megarec.methods.utgrec.latent_cache import LatentCache
 
 if TYPE_CHECKING:
-    from megarec.train_tokenizer import TrainTokenizerConfig
+    from megarec.methods.utgrec.tokenizer_config import TrainTokenizerConfig
 
 
 class Batcher:

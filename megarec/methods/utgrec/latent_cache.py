@@ -1,6 +1,6 @@
 """VAE latents of every item image, computed once and stored next to the shards (UTGRec Eq. 9 targets).
 
-    python -m megarec.tokenizer.latent_cache SHARDS --vae VAE_PATH --out SHARDS/latents.safetensors \
+    python -m megarec.methods.utgrec.latent_cache SHARDS --vae VAE_PATH --out SHARDS/latents.safetensors \
         [--image_size 256] [--patch 2]
 
 One safetensors file: ``latents [M, |V|, C p^2]`` (float16; the scaled latents are of unit scale) for
@@ -29,8 +29,8 @@ FORMAT = "megarec-latents/1"
 def write_latent_cache(shards: str | Path, vae_path: str, out: str | Path, image_size: int = 256, patch: int = 2,
                        batch_size: int = 32, device: str = "cpu", progress: bool = True) -> Path:
     """Encode every item image of ``shards`` with the ``AutoencoderKL`` at ``vae_path``; write ``out``."""
-    from megarec.tokenizer.image_decoder import ImageLatents
-    from megarec.tokenizer.item_lookup import ItemLookup
+    from megarec.methods.utgrec.image_decoder import ImageLatents
+    from megarec.methods.utgrec.item_lookup import ItemLookup
 
     lookup = ItemLookup(shards)
     vae = ImageLatents(vae_path, image_size, patch).to(device)
@@ -57,7 +57,7 @@ class LatentCache:
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path)
         if not self.path.is_file():
-            raise DataError(f"{path}: no latents file (write one with `python -m megarec.tokenizer.latent_cache`)")
+            raise DataError(f"{path}: no latents file (write one with `python -m megarec.methods.utgrec.latent_cache`)")
         self._fh = safe_open(str(self.path), framework="pt")
         meta = self._fh.metadata() or {}
         if meta.get("format") != FORMAT:
@@ -79,7 +79,7 @@ class LatentCache:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m megarec.tokenizer.latent_cache", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="python -m megarec.methods.utgrec.latent_cache", description=__doc__.split("\n\n")[0])
     p.add_argument("shards", help="item shard folder")
     p.add_argument("--vae", required=True, help="diffusers AutoencoderKL folder or hub id")
     p.add_argument("--out", required=True, help="latents file to write (.safetensors)")

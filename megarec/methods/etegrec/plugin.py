@@ -6,7 +6,7 @@ export-embeddings``) and a T5 recommender over its codes, trained together:
 - recommender loss L_REC (Eq. 13) on the items' current codes;
 - tokenizer loss L_SQ (Eqs. 8-10) on the batch's target items;
 - sequence-item alignment L_SIA (Eqs. 14-15) and preference-semantic alignment
-  L_PSA (Eq. 16): :mod:`megarec.methods.etegrec_model`;
+  L_PSA (Eq. 16): :mod:`megarec.methods.etegrec.model`;
 - alternating optimisation (Sec. 3.4, Eqs. 17-18): cycles of ``cycle`` epochs; the
   first epoch of a cycle trains the tokenizer (L_IT = L_SQ + mu L_SIA + lambda L_PSA,
   recommender frozen), the others the recommender (L_GR = L_REC + mu L_SIA +
@@ -46,38 +46,34 @@ from megarec.data.embeddings import load_item_embeddings
 from megarec.data.splits import leave_one_out
 from megarec.engine.trainer import TrainTask
 from megarec.methods.base import Method
-from megarec.methods.code_regeneration import CodeRegeneration
-from megarec.methods.etegrec_data import (CodeTable, HistorySamples, concat_history_samples, history_samples,
-                                          item_codes, pretrain_tokenizer, teacher_embeddings, trained_recommender,
-                                          vocab_sizes)
-from megarec.methods.etegrec_data import trained_codes as shared_trained_codes
-from megarec.methods.etegrec_model import ETEGRecModel, ETEGRecTerms
-from megarec.methods.evaluation import evaluate_domains
-from megarec.recommender.beam_search import beam_search
-from megarec.recommender.t5 import GenerativeRecommender, T5RecConfig
-from megarec.recommender.trie import ItemTrie
+from megarec.methods.etegrec.model import ETEGRecModel, ETEGRecTerms
+from megarec.methods.joint.config import JointCodesConfig
+from megarec.methods.joint.evaluation import evaluate_on_codes
+from megarec.methods.joint.inference import trained_recommender
+from megarec.methods.joint.inference import trained_codes as shared_trained_codes
+from megarec.methods.joint.regeneration import CodeRegeneration
+from megarec.methods.joint.samples import (CodeTable, HistorySamples, concat_history_samples, history_samples,
+                                          item_codes, vocab_sizes)
+from megarec.methods.joint.stages import teacher_embeddings
+from megarec.recommender.t5 import GenerativeRecommender
+from megarec.tokenizer.commands import stage_codes
 from megarec.tokenizer.rqvae import RQVAE
 
 if TYPE_CHECKING:
-    from megarec.train_rec import TrainRecConfig
+    from megarec.methods.training import TrainRecConfig
 
 TOKENIZER_PREFIX = "tokenizer."
 
 
 @dataclass
-class ETEGRecConfig:
+class ETEGRecConfig(JointCodesConfig):
     """``etegrec:`` section. Defaults: the paper (Sec. 4.1.4-4.1.5, Scientific: mu = 3e-4, lambda = 1e-4)."""
-    t5: T5RecConfig = field(default_factory=T5RecConfig)
+    section = "etegrec"
+
     embeddings: str = field("", help="item-embedding file, the tokenizer's input z (`megarec export-embeddings` of a "
                                      "trained SASRec; empty = the pipeline trains the teacher)")
     tokenizer: str = field("", help="RQ-VAE folder pre-trained on those embeddings (`megarec train-tokenizer "
                                     "--embeddings`), the tokenizer's initial weights (empty = the pipeline trains it)")
-    collisions: str = field("dedup", choices=("dedup", "utgrec"),
-                            help="collision policy when codes are regenerated: dedup = one more level holding the "
-                                 "item's index among identical IDs (the paper, after TIGER); utgrec = move colliding "
-                                 "last codes to the nearest free code")
-    collision_codes: int = field(256, min=1, help="dedup: size of the extra level (fixed, so the vocabulary never "
-                                                  "changes; more identical IDs than this is an error)")
     alternate: bool = field(True, help="alternating optimisation (Sec. 3.4); false = the 'w/o AT' ablation: both "
                                        "sides trained jointly every epoch on every loss")
     cycle: int = field(2, min=2, help="epochs per cycle C (paper: {2, 4}); the first trains the tokenizer")
@@ -94,7 +90,6 @@ class ETEGRecConfig:
                                                 "frozen (public code: a final stage; paper: not said)")
     proj_hidden: list[int] = field(default_factory=list, min=1,
                                    help="hidden widths of the two alignment MLPs (none = one linear layer)")
-    codes_batch_size: int = field(4096, min=1, help="items per batch when codes are regenerated")
 
 
 # --------------------------------------------------------------------------- schedule (Sec. 3.4)
@@ -207,25 +202,6 @@ def build_model(cfg: "TrainRecConfig", data: ETEGRecData) -> ETEGRecModel:
     return model
 
 
-@torch.no_grad()
-def evaluate(model: ETEGRecModel, data: ETEGRecData, per_domain: Sequence[HistorySamples], beam_size: int,
-             batch_size: int, device: torch.device | str, ks: Sequence[int] = (5, 10)) -> dict[str, float]:
-    """Recall/NDCG@K by trie-constrained beam search over each domain's items, on the model's
-    current codes (tries rebuilt here, so regenerated or reloaded codes apply)."""
-    if beam_size < max(ks):
-        raise ConfigError(f"beam_size ({beam_size}) must be >= the largest K ({max(ks)})")
-    tokens = (model.item_codes.cpu() + data.table.offsets).numpy()
-    tries = [ItemTrie(tokens[data.domain_items(d)], vocab=data.vocab).to(device)
-             for d in range(len(data.multi.domains))]
-
-    def rank_batch(d: int, b: dict[str, torch.Tensor]) -> torch.Tensor:
-        items, _ = beam_search(model.recommender, b["input_ids"], b["attention_mask"], tries[d], beam_size)
-        offset = int(data.multi.offsets[d])
-        return torch.where(items >= 0, items + offset, items)
-
-    return evaluate_domains(per_domain, data.domain_names, rank_batch, batch_size, device, ks)
-
-
 class Schedule(CodeRegeneration):
     """The epoch hooks: phase, frozen side, LR gates, loss weights, code regeneration and its logs."""
 
@@ -275,7 +251,7 @@ def make_task(cfg: "TrainRecConfig", data: ETEGRecData, device: torch.device, me
 
     def run_eval(module: ETEGRecModel, split: str) -> dict[str, float]:
         per_domain = data.valid if split == "valid" else data.test
-        return evaluate(module, data, per_domain, cfg.train.beam_size, cfg.train.eval_batch_size, device)
+        return evaluate_on_codes(module, data, per_domain, cfg.train.beam_size, cfg.train.eval_batch_size, device)
 
     task = TrainTask(num_samples=len(data.train), batch=lambda idx: data.train.batch(idx, device), loss=sched.loss,
                      evaluate=run_eval, export_metadata=metadata, lengths=data.train.lengths,
@@ -300,8 +276,21 @@ def load_recommender(cfg: "TrainRecConfig", state: dict[str, torch.Tensor], mult
                                cfg.data.max_len, cfg.train.beam_size)
 
 
+# --------------------------------------------------------------------------- pipeline stage
+def pretrain_tokenizer(cfg: "TrainRecConfig", domains: Sequence[Domain], out_dir: Path,
+                       settings: Sequence[tuple[str, Any]], progress: bool = True) -> tuple[Path, dict[str, Any]]:
+    """The RQ-VAE pre-trained on the teacher's embeddings of every domain's items, in ``out_dir``
+    (``megarec train-tokenizer PATHS --embeddings``; reused when made with the same settings and
+    embeddings). ``settings``: ``megarec train-tokenizer`` keys (the ``tokenizer`` stage)."""
+    s: ETEGRecConfig = cfg.etegrec
+    _, stats = stage_codes(domains, out_dir, settings, base=[("seed", str(cfg.train.seed)),
+                                                             ("collisions", s.collisions)],
+                           embeddings=s.embeddings, progress=progress)
+    return out_dir, stats
+
+
 class ETEGRecMethod(Method):
-    """``method: etegrec`` (plug-in of :mod:`megarec.train_rec`)."""
+    """``method: etegrec`` (plug-in of :mod:`megarec.methods.training`)."""
 
     name = "etegrec"
     config_section = "etegrec"

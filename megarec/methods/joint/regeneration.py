@@ -13,10 +13,10 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from megarec.distributed import get_logger, get_world_size, is_main_process
-from megarec.methods.etegrec_data import code_stats
+from megarec.methods.joint.samples import code_stats
 
 if TYPE_CHECKING:
-    from megarec.train_rec import TrainRecConfig
+    from megarec.methods.training import TrainRecConfig
 
 
 class CodeRegeneration:

@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any, Sequence
 import numpy as np
 import torch
 
-from megarec.config import ConfigError, TokenizerConfig, load_config
+from megarec.config import ConfigError
 from megarec.data.code_sequences import CodeSamples, CodeSequenceData, select_codes
 from megarec.data.code_vocab import CodeVocab
 from megarec.data.codes import CodesFile
@@ -25,14 +25,15 @@ from megarec.data.domain import Domain
 from megarec.engine.checkpoint import load_state_dict_into
 from megarec.engine.trainer import TrainTask
 from megarec.methods.base import Method
-from megarec.methods.evaluation import evaluate_domains
-from megarec.recommender.beam_search import beam_search
+from megarec.methods.evaluation import evaluate_beam
+from megarec.recommender.beam_recommender import BeamRecommender
 from megarec.recommender.t5 import GenerativeRecommender, T5RecConfig
 from megarec.recommender.trie import ItemTrie
+from megarec.tokenizer.commands import stage_codes
 
 if TYPE_CHECKING:  # the entry point's config; only its sections are read here
     from megarec.data.domain import MultiDomain
-    from megarec.train_rec import TrainRecConfig
+    from megarec.methods.training import TrainRecConfig
 
 CODES_FILE = "codes.safetensors"
 
@@ -55,24 +56,14 @@ def domain_tries(data: CodeSequenceData, device: torch.device | str) -> list[Ite
             for d in range(len(data.multi.domains))]
 
 
-@torch.no_grad()
 def evaluate(model: GenerativeRecommender, data: CodeSequenceData, per_domain: Sequence[CodeSamples],
              tries: Sequence[ItemTrie], beam_size: int, batch_size: int, device: torch.device | str,
              ks: Sequence[int] = (5, 10)) -> dict[str, float]:
-    """Recall/NDCG@K by trie-constrained beam search over each domain's items (PROTOCOL.md).
-
-    Pooled over every user of every domain and rank; with several domains also
-    ``"<domain>/recall@k"`` etc. A collective: every rank runs the same number of
-    beam searches (padded batches), as ZeRO-3 requires.
-    """
-    if beam_size < max(ks):
-        raise ConfigError(f"beam_size ({beam_size}) must be >= the largest K ({max(ks)})")
-    def rank_batch(d: int, b: dict[str, torch.Tensor]) -> torch.Tensor:
-        items, _ = beam_search(model, b["input_ids"], b["attention_mask"], tries[d], beam_size)
-        offset = int(data.multi.offsets[d])
-        return torch.where(items >= 0, items + offset, items)
-
-    return evaluate_domains(per_domain, data.domain_names, rank_batch, batch_size, device, ks)
+    """Recall/NDCG@K by trie-constrained beam search over each domain's items (PROTOCOL.md), pooled over
+    every user of every domain and rank; with several domains also ``"<domain>/recall@k"`` etc. A
+    collective: every rank runs the same number of beam searches (padded batches), as ZeRO-3 requires."""
+    return evaluate_beam(model, tries, data.multi.offsets, per_domain, data.domain_names, beam_size, batch_size,
+                         device, ks)
 
 
 def make_task(cfg: "TrainRecConfig", data: CodeSequenceData, device: torch.device,
@@ -92,34 +83,13 @@ def make_task(cfg: "TrainRecConfig", data: CodeSequenceData, device: torch.devic
 
 
 # --------------------------------------------------------------------------- inference
-class TigerRecommender:
-    """A trained TIGER model for ``megarec recommend``: histories -> top-K item indices."""
-
-    def __init__(self, model: GenerativeRecommender, data_items: np.ndarray, item_tokens: np.ndarray,
-                 max_len: int, beam_size: int) -> None:
-        self.model = model.eval()
-        self.vocab = model.vocab
-        self.item_tokens = item_tokens          # [N, L] tokens of every item of the domains, global order
-        self.max_len, self.beam_size = max_len, beam_size
-        self.trie = ItemTrie(item_tokens[data_items], vocab=self.vocab)
-        self.candidates = torch.from_numpy(np.asarray(data_items, dtype=np.int64))
-
-    @torch.no_grad()
-    def recommend(self, histories: Sequence[np.ndarray], k: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Global item indices ``[B, k]`` (-1 = none) and scores (sequence log-probabilities)."""
-        ids, mask = self.vocab.encode_histories(histories, self.item_tokens, max_items=self.max_len)
-        items, scores = beam_search(self.model, ids, mask, self.trie, max(self.beam_size, k), top_k=k)
-        glob = torch.where(items >= 0, self.candidates[items.clamp(min=0)], items)
-        return glob, scores
-
-
 def load_recommender(cfg: "TrainRecConfig", model_state: dict[str, torch.Tensor], codes: CodesFile,
-                     item_keys: list[str], candidates: np.ndarray) -> TigerRecommender:
+                     item_keys: list[str], candidates: np.ndarray) -> BeamRecommender:
     vocab = CodeVocab(codes.codebook_sizes)
     model = GenerativeRecommender(cfg.tiger, vocab)
     load_state_dict_into(model, model_state, source="the trained model")
     tokens = vocab.item_tokens(select_codes(codes, item_keys))
-    return TigerRecommender(model, candidates, tokens, cfg.data.max_len, cfg.train.beam_size)
+    return BeamRecommender(model, candidates, tokens, cfg.data.max_len, cfg.train.beam_size)
 
 
 
@@ -132,21 +102,13 @@ def tiger_codes(domains: Sequence[Domain], out_dir: Path, settings: Sequence[tup
     caller's); the tokenizer seed defaults to the run's. The codes file in
     ``out_dir/tokenizer`` is reused only when it was made with the same settings.
     """
-    from megarec.tokenizer.commands import codes_for
-
     for d in domains:
         d.require_text("tiger")
-    cfg = load_config(TokenizerConfig, None, [("seed", str(seed))] + [(k, _as_arg(v)) for k, v in settings])
-    return codes_for(list(domains), cfg, out_dir / "tokenizer", progress=progress)
-
-
-def _as_arg(v: Any) -> str:
-    """A profile value as a command-line string (lists as ``a,b,c``)."""
-    return ",".join(map(str, v)) if isinstance(v, (list, tuple)) else str(v)
+    return stage_codes(domains, out_dir / "tokenizer", settings, base=[("seed", str(seed))], progress=progress)
 
 
 class TigerMethod(Method):
-    """``method: tiger`` (plug-in of :mod:`megarec.train_rec`)."""
+    """``method: tiger`` (plug-in of :mod:`megarec.methods.training`)."""
 
     name = "tiger"
     config_section = "tiger"
@@ -176,5 +138,5 @@ class TigerMethod(Method):
         shutil.copyfile(cfg.data.codes, model_dir / CODES_FILE)
 
     def load_recommender(self, cfg: "TrainRecConfig", model_dir: Path, state: dict[str, torch.Tensor],
-                         multi: "MultiDomain", candidates: np.ndarray) -> TigerRecommender:
+                         multi: "MultiDomain", candidates: np.ndarray) -> BeamRecommender:
         return load_recommender(cfg, state, CodesFile.load(model_dir / CODES_FILE), multi.item_keys(), candidates)

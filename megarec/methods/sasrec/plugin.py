@@ -26,7 +26,7 @@ from megarec.methods.evaluation import evaluate_domains
 from megarec.recommender.sasrec import SASRec, SASRecConfig, pad_histories
 
 if TYPE_CHECKING:
-    from megarec.train_rec import TrainRecConfig
+    from megarec.methods.training import TrainRecConfig
 
 
 @dataclass

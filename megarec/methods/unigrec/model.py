@@ -3,7 +3,7 @@
 Everything is composed from shared parts: the soft RQ-VAE
 (:class:`~megarec.tokenizer.rqvae.RQVAE` with ``rqvae.quantizer: soft``), the T5
 :class:`~megarec.recommender.t5.GenerativeRecommender`, the loss functions of
-:mod:`megarec.methods.unigrec_losses`.
+:mod:`megarec.methods.unigrec.losses`.
 
 One training step (Sec. 3.5.2, Algorithm 1 lines 14-20), temperature fixed at ``tau``:
 
@@ -21,7 +21,7 @@ One training step (Sec. 3.5.2, Algorithm 1 lines 14-20), temperature fixed at ``
    state and the teacher embedding of the target, over distinct targets.
 
 Targets (labels) are the items' hard codes, regenerated every epoch
-(:mod:`megarec.methods.unigrec`); ``identifiers = "hard"`` (ablation) also feeds
+(:mod:`megarec.methods.unigrec.plugin`); ``identifiers = "hard"`` (ablation) also feeds
 the history as hard codes.
 """
 from __future__ import annotations
@@ -32,8 +32,8 @@ import torch
 from torch import nn
 
 from megarec.data.code_vocab import EOS, PAD, CodeVocab
-from megarec.methods.etegrec_model import first_occurrence, masked_mean
-from megarec.methods.unigrec_losses import recommender_distillation, residual_log_probs, symmetric_kl
+from megarec.methods.etegrec.model import first_occurrence, masked_mean
+from megarec.methods.unigrec.losses import recommender_distillation, residual_log_probs, symmetric_kl
 from megarec.recommender.t5 import GenerativeRecommender
 from megarec.tokenizer.rqvae import RQVAE, reconstruction_loss
 from megarec.tokenizer.soft import uniformity_loss
