@@ -262,7 +262,7 @@ def trained(tmp_path_factory):
                       "rec_training": model.recommender.training})
 
     def make_task(self, cfg, data, device, metadata):
-        task = original(self, cfg, data, device, metadata)
+        task = original(cfg, data, device, metadata)   # a static step of the plug-in
         start, end = task.on_epoch_start, task.on_epoch_end
 
         def on_start(epoch):

@@ -45,24 +45,20 @@ from megarec.data.domain import DataError, Domain, MultiDomain
 from megarec.data.embeddings import load_item_embeddings
 from megarec.data.splits import leave_one_out
 from megarec.engine.trainer import TrainTask
-from megarec.methods.base import Method
 from megarec.methods.etegrec.model import ETEGRecModel, ETEGRecTerms
 from megarec.methods.joint.config import JointCodesConfig
-from megarec.methods.joint.evaluation import evaluate_on_codes
-from megarec.methods.joint.inference import trained_recommender
 from megarec.methods.joint.inference import trained_codes as shared_trained_codes
+from megarec.methods.joint.inference import trained_recommender
+from megarec.methods.joint.method import TOKENIZER_PREFIX, JointData, JointMethod, joint_task
 from megarec.methods.joint.regeneration import CodeRegeneration
-from megarec.methods.joint.samples import (CodeTable, HistorySamples, concat_history_samples, history_samples,
+from megarec.methods.joint.samples import (CodeTable, concat_history_samples, history_samples,
                                           item_codes, vocab_sizes)
-from megarec.methods.joint.stages import teacher_embeddings
 from megarec.recommender.t5 import GenerativeRecommender
 from megarec.tokenizer.commands import stage_codes
 from megarec.tokenizer.rqvae import RQVAE
 
 if TYPE_CHECKING:
     from megarec.methods.training import TrainRecConfig
-
-TOKENIZER_PREFIX = "tokenizer."
 
 
 @dataclass
@@ -139,27 +135,7 @@ def combine(terms: ETEGRecTerms, w: dict[str, float]) -> dict[str, torch.Tensor]
 
 
 # --------------------------------------------------------------------------- data / model / task
-@dataclass
-class ETEGRecData:
-    multi: MultiDomain
-    item_keys: list[str]
-    item_emb: torch.Tensor
-    tokenizer: RQVAE
-    vocab: CodeVocab
-    table: CodeTable
-    train: HistorySamples
-    valid: list[HistorySamples]
-    test: list[HistorySamples]
-    code_stats: dict[str, Any]
-    model: ETEGRecModel | None = None     # set by build_model: the epoch hooks need it
-
-    @property
-    def domain_names(self) -> list[str]:
-        return self.multi.names
-
-    def domain_items(self, d: int) -> np.ndarray:
-        """Global indices of domain ``d``'s items (its ranking candidates)."""
-        return self.multi.domain_items(d)
+ETEGRecData = JointData   # no fields of its own
 
 
 def prepare(cfg: "TrainRecConfig", domains: Sequence[Domain]) -> ETEGRecData:
@@ -185,9 +161,11 @@ def prepare(cfg: "TrainRecConfig", domains: Sequence[Domain]) -> ETEGRecData:
     splits = [leave_one_out(d, max_len=cfg.data.max_len) for d in multi.domains]
     n = cfg.data.max_len
     train = concat_history_samples([history_samples(sp.train, o, n, table) for sp, o in zip(splits, multi.offsets)])
-    return ETEGRecData(multi, keys, emb.float(), tokenizer, vocab, table, train,
-                       [history_samples(sp.valid, o, n, table) for sp, o in zip(splits, multi.offsets)],
-                       [history_samples(sp.test, o, n, table) for sp, o in zip(splits, multi.offsets)], stats)
+    return ETEGRecData(multi=multi, item_keys=keys, item_emb=emb.float(), tokenizer=tokenizer, vocab=vocab,
+                       table=table, train=train,
+                       valid=[history_samples(sp.valid, o, n, table) for sp, o in zip(splits, multi.offsets)],
+                       test=[history_samples(sp.test, o, n, table) for sp, o in zip(splits, multi.offsets)],
+                       code_stats=stats)
 
 
 def build_model(cfg: "TrainRecConfig", data: ETEGRecData) -> ETEGRecModel:
@@ -247,17 +225,7 @@ class Schedule(CodeRegeneration):
 
 
 def make_task(cfg: "TrainRecConfig", data: ETEGRecData, device: torch.device, metadata: dict[str, str]) -> TrainTask:
-    sched = Schedule(cfg, data, len(data.train))
-
-    def run_eval(module: ETEGRecModel, split: str) -> dict[str, float]:
-        per_domain = data.valid if split == "valid" else data.test
-        return evaluate_on_codes(module, data, per_domain, cfg.train.beam_size, cfg.train.eval_batch_size, device)
-
-    task = TrainTask(num_samples=len(data.train), batch=lambda idx: data.train.batch(idx, device), loss=sched.loss,
-                     evaluate=run_eval, export_metadata=metadata, lengths=data.train.lengths,
-                     on_epoch_start=sched.on_epoch_start, on_epoch_end=sched.on_epoch_end, lr_gates=sched.gates)
-    task.schedule = sched  # type: ignore[attr-defined]   # for tests and tools
-    return task
+    return joint_task(cfg, data, Schedule(cfg, data, len(data.train)), device, metadata)
 
 
 # --------------------------------------------------------------------------- inference
@@ -269,7 +237,7 @@ def trained_codes(cfg: "TrainRecConfig", state: dict[str, torch.Tensor], multi: 
     return shared_trained_codes(state, multi, s.collisions, s.collision_codes, "etegrec")
 
 
-def load_recommender(cfg: "TrainRecConfig", state: dict[str, torch.Tensor], multi: MultiDomain,
+def load_recommender(cfg: "TrainRecConfig", model_dir: Path, state: dict[str, torch.Tensor], multi: MultiDomain,
                      candidates: np.ndarray):
     """The trained recommender and the codes it was selected with (both in ``model.safetensors``)."""
     return trained_recommender(cfg.etegrec.t5, state, trained_codes(cfg, state, multi), candidates,
@@ -289,48 +257,18 @@ def pretrain_tokenizer(cfg: "TrainRecConfig", domains: Sequence[Domain], out_dir
     return out_dir, stats
 
 
-class ETEGRecMethod(Method):
+class ETEGRecMethod(JointMethod):
     """``method: etegrec`` (plug-in of :mod:`megarec.methods.training`)."""
 
     name = "etegrec"
     config_section = "etegrec"
     config_cls = ETEGRecConfig
-    generative = True
 
-    def prepare_inputs(self, cfg: "TrainRecConfig", domains: Sequence[Domain], out_dir: Path,
-                       stages: dict[str, Any], progress: bool = True) -> dict[str, Any]:
-        s: ETEGRecConfig = cfg.etegrec
-        out: dict[str, Any] = {}
-        if not s.embeddings:
-            path, out["teacher"] = teacher_embeddings(cfg, out_dir / "teacher", stages.get("teacher", []), progress)
-            s.embeddings = str(path.resolve())
-        if not s.tokenizer:
-            folder, out["tokenizer"] = pretrain_tokenizer(cfg, domains, out_dir / "tokenizer",
-                                                          stages.get("tokenizer", []), progress)
-            s.tokenizer = str(folder.resolve())
-        return out
+    teacher_key = "embeddings"
 
-    def prepare(self, cfg: "TrainRecConfig", domains: Sequence[Domain]) -> ETEGRecData:
-        return prepare(cfg, domains)
-
-    def build_model(self, cfg: "TrainRecConfig", data: ETEGRecData) -> ETEGRecModel:
-        return build_model(cfg, data)
-
-    def param_groups(self, cfg: "TrainRecConfig", model: ETEGRecModel) -> list[dict[str, Any]]:
-        """Recommender side at ``train.lr``, tokenizer at ``etegrec.tokenizer_lr`` (Sec. 4.1.5)."""
-        from megarec.engine.param_groups import param_groups
-
-        if cfg.train.lr <= 0:
-            raise ConfigError("train.lr must be > 0 for etegrec (the tokenizer's lr is a multiple of it)")
-        scale = cfg.etegrec.tokenizer_lr / cfg.train.lr
-        if scale <= 0:
-            raise ConfigError("etegrec.tokenizer_lr must be > 0")
-        return param_groups(model, cfg.train.weight_decay, {TOKENIZER_PREFIX: scale})
-
-    def make_task(self, cfg: "TrainRecConfig", data: ETEGRecData, device: torch.device,
-                  metadata: dict[str, str]) -> TrainTask:
-        return make_task(cfg, data, device, metadata)
-
-    def load_recommender(self, cfg: "TrainRecConfig", model_dir: Path, state: dict[str, torch.Tensor],
-                         multi: MultiDomain, candidates: np.ndarray):
-        return load_recommender(cfg, state, multi, candidates)
+    # the module's functions are the plug-in's steps
+    prepare = staticmethod(prepare)
+    build_model = staticmethod(build_model)
+    make_task = staticmethod(make_task)
+    pretrain_tokenizer = staticmethod(pretrain_tokenizer)
+    load_recommender = staticmethod(load_recommender)

@@ -146,22 +146,17 @@ def load_recommender(cfg: "TrainRecConfig", model_state: dict[str, torch.Tensor]
 
 
 class SASRecMethod(Method):
-    """``method: sasrec`` (plug-in of :mod:`megarec.train_rec`); histories are padded to a
+    """``method: sasrec`` (plug-in of :mod:`megarec.methods.training`); histories are padded to a
     fixed length (learned positions), so batches are not grouped by length."""
 
     name = "sasrec"
     config_section = "sasrec"
     config_cls = SASRecConfig
 
-    def prepare(self, cfg: "TrainRecConfig", domains: Sequence[Domain]) -> SASRecData:
-        return prepare(cfg, domains)
-
-    def build_model(self, cfg: "TrainRecConfig", data: SASRecData) -> SASRecRanker:
-        return build_model(cfg, data)
-
-    def make_task(self, cfg: "TrainRecConfig", data: SASRecData, device: torch.device,
-                  metadata: dict[str, str]) -> TrainTask:
-        return make_task(cfg, data, device, metadata)
+    # the module's functions are the plug-in's steps
+    prepare = staticmethod(prepare)
+    build_model = staticmethod(build_model)
+    make_task = staticmethod(make_task)
 
     def load_recommender(self, cfg: "TrainRecConfig", model_dir: Path, state: dict[str, torch.Tensor],
                          multi: MultiDomain, candidates: np.ndarray) -> SASRecRecommender:

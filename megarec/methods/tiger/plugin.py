@@ -124,15 +124,10 @@ class TigerMethod(Method):
         cfg.data.codes = str(path.resolve())
         return {"tokenizer": stats}
 
-    def prepare(self, cfg: "TrainRecConfig", domains: Sequence[Domain]) -> CodeSequenceData:
-        return prepare(cfg, domains)
-
-    def build_model(self, cfg: "TrainRecConfig", data: CodeSequenceData) -> GenerativeRecommender:
-        return build_model(cfg, data)
-
-    def make_task(self, cfg: "TrainRecConfig", data: CodeSequenceData, device: torch.device,
-                  metadata: dict[str, str]) -> TrainTask:
-        return make_task(cfg, data, device, metadata)
+    # the module's functions are the plug-in's steps
+    prepare = staticmethod(prepare)
+    build_model = staticmethod(build_model)
+    make_task = staticmethod(make_task)
 
     def write_model_files(self, cfg: "TrainRecConfig", model_dir: Path) -> None:
         shutil.copyfile(cfg.data.codes, model_dir / CODES_FILE)

@@ -40,13 +40,11 @@ from megarec.data.domain import DataError, Domain, MultiDomain
 from megarec.data.embeddings import load_item_embeddings
 from megarec.data.splits import leave_one_out
 from megarec.engine.trainer import TrainTask
-from megarec.methods.base import Method
 from megarec.methods.joint import samples as shared
 from megarec.methods.joint.config import JointCodesConfig
-from megarec.methods.joint.evaluation import evaluate_on_codes
 from megarec.methods.joint.inference import trained_codes, trained_recommender
+from megarec.methods.joint.method import JointData, JointMethod, joint_task
 from megarec.methods.joint.regeneration import CodeRegeneration
-from megarec.methods.joint.stages import teacher_embeddings
 from megarec.methods.unigrec.losses import joint_loss
 from megarec.methods.unigrec.model import UniGRecModel, UniGRecTerms
 from megarec.recommender.t5 import GenerativeRecommender
@@ -56,18 +54,16 @@ from megarec.tokenizer.rqvae import RQVAE
 if TYPE_CHECKING:
     from megarec.methods.training import TrainRecConfig
 
-TOKENIZER_PREFIX = "tokenizer."
-
 
 @dataclass
 class UniGRecConfig(JointCodesConfig):
     """``unigrec:`` section. Defaults: the paper (Sec. 4.1.4); see docs/README_unigrec.md."""
     section = "unigrec"
 
-    tokenizer: str = field("", help="soft RQ-VAE folder from stage 1 (`megarec train-tokenizer --rqvae.quantizer "
-                                    "soft`, text input); empty = the pipeline trains it")
     teacher: str = field("", help="SASRec item-embedding file (`megarec export-embeddings`), the distillation "
                                   "teacher; empty = the pipeline trains SASRec")
+    tokenizer: str = field("", help="soft RQ-VAE folder from stage 1 (`megarec train-tokenizer --rqvae.quantizer "
+                                    "soft`, text input); empty = the pipeline trains it")
     identifiers: str = field("soft", choices=("soft", "hard"),
                              help="soft: probability-weighted code embeddings into the encoder (Eq. 15); hard: the "
                                   "items' hard codes (the 'hard identifiers' ablation)")
@@ -105,29 +101,10 @@ def _samples(parts: Sequence[shared.HistorySamples]) -> UniGRecSamples:
 
 
 # --------------------------------------------------------------------------- data / model
-@dataclass
-class UniGRecData:
-    multi: MultiDomain
-    item_keys: list[str]
-    item_emb: torch.Tensor
-    teacher_emb: torch.Tensor | None
-    tokenizer: RQVAE
-    tau: float
-    vocab: CodeVocab
-    table: shared.CodeTable
-    train: UniGRecSamples
-    valid: list[UniGRecSamples]
-    test: list[UniGRecSamples]
-    code_stats: dict[str, Any]
-    model: UniGRecModel | None = None
-
-    @property
-    def domain_names(self) -> list[str]:
-        return self.multi.names
-
-    def domain_items(self, d: int) -> np.ndarray:
-        """Global indices of domain ``d``'s items (its ranking candidates)."""
-        return self.multi.domain_items(d)
+@dataclass(kw_only=True)
+class UniGRecData(JointData):
+    teacher_emb: torch.Tensor | None      # the SASRec teacher's item embeddings (None: no distillation)
+    tau: float                            # the stage-2 temperature of Eq. 14
 
 
 def uses_teacher(s: UniGRecConfig) -> bool:
@@ -175,8 +152,8 @@ def prepare(cfg: "TrainRecConfig", domains: Sequence[Domain]) -> UniGRecData:
                 for sp, o in zip(splits, multi.offsets)]
 
     train = _samples([shared.history_samples(sp.train, o, n, table) for sp, o in zip(splits, multi.offsets)])
-    return UniGRecData(multi, keys, x, teacher, tokenizer, tau, vocab, table, train, part("valid"), part("test"),
-                       stats)
+    return UniGRecData(multi=multi, item_keys=keys, item_emb=x, teacher_emb=teacher, tokenizer=tokenizer, tau=tau,
+                       vocab=vocab, table=table, train=train, valid=part("valid"), test=part("test"), code_stats=stats)
 
 
 def build_model(cfg: "TrainRecConfig", data: UniGRecData) -> UniGRecModel:
@@ -236,21 +213,11 @@ class Schedule(CodeRegeneration):
 
 
 def make_task(cfg: "TrainRecConfig", data: UniGRecData, device: torch.device, metadata: dict[str, str]) -> TrainTask:
-    sched = Schedule(cfg, data, len(data.train))
-
-    def run_eval(module: UniGRecModel, split: str) -> dict[str, float]:
-        per_domain = data.valid if split == "valid" else data.test
-        return evaluate_on_codes(module, data, per_domain, cfg.train.beam_size, cfg.train.eval_batch_size, device)
-
-    task = TrainTask(num_samples=len(data.train), batch=lambda idx: data.train.batch(idx, device), loss=sched.loss,
-                     evaluate=run_eval, export_metadata=metadata, lengths=data.train.lengths,
-                     on_epoch_start=sched.on_epoch_start, on_epoch_end=sched.on_epoch_end)
-    task.schedule = sched  # type: ignore[attr-defined]   # for tests and tools
-    return task
+    return joint_task(cfg, data, Schedule(cfg, data, len(data.train)), device, metadata)
 
 
 # --------------------------------------------------------------------------- inference
-def load_recommender(cfg: "TrainRecConfig", state: dict[str, torch.Tensor], multi: MultiDomain,
+def load_recommender(cfg: "TrainRecConfig", model_dir: Path, state: dict[str, torch.Tensor], multi: MultiDomain,
                      candidates: np.ndarray):
     """The trained T5 and the hard codes it was selected with (both in ``model.safetensors``)."""
     s: UniGRecConfig = cfg.unigrec
@@ -272,48 +239,22 @@ def pretrain_tokenizer(cfg: "TrainRecConfig", domains: Sequence[Domain], out_dir
     return out_dir, stats
 
 
-class UniGRecMethod(Method):
+class UniGRecMethod(JointMethod):
     """``method: unigrec`` (plug-in of :mod:`megarec.methods.training`)."""
 
     name = "unigrec"
     config_section = "unigrec"
     config_cls = UniGRecConfig
-    generative = True
+    frozen_tokenizer_allowed = True    # tokenizer_lr 0: the model keeps it frozen (no group)
 
-    def prepare_inputs(self, cfg: "TrainRecConfig", domains: Sequence[Domain], out_dir: Path,
-                       stages: dict[str, Any], progress: bool = True) -> dict[str, Any]:
-        s: UniGRecConfig = cfg.unigrec
-        out: dict[str, Any] = {}
-        if uses_teacher(s) and not s.teacher:
-            path, out["teacher"] = teacher_embeddings(cfg, out_dir / "teacher", stages.get("teacher", []),
-                                                             progress)
-            s.teacher = str(path.resolve())
-        if not s.tokenizer:
-            folder, out["tokenizer"] = pretrain_tokenizer(cfg, domains, out_dir / "tokenizer",
-                                                          stages.get("tokenizer", []), progress)
-            s.tokenizer = str(folder.resolve())
-        return out
+    teacher_key = "teacher"
 
-    def prepare(self, cfg: "TrainRecConfig", domains: Sequence[Domain]) -> UniGRecData:
-        return prepare(cfg, domains)
+    def uses_teacher(self, section: UniGRecConfig) -> bool:
+        return uses_teacher(section)
 
-    def build_model(self, cfg: "TrainRecConfig", data: UniGRecData) -> UniGRecModel:
-        return build_model(cfg, data)
-
-    def param_groups(self, cfg: "TrainRecConfig", model: UniGRecModel) -> list[dict[str, Any]]:
-        """T5 and the projections at ``train.lr``, the tokenizer at ``unigrec.tokenizer_lr`` (Sec. 4.1.4);
-        a frozen tokenizer (lr 0) has no trainable parameters and no group."""
-        from megarec.engine.param_groups import param_groups
-
-        if cfg.train.lr <= 0:
-            raise ConfigError("train.lr must be > 0 for unigrec (the tokenizer's lr is a multiple of it)")
-        scales = {TOKENIZER_PREFIX: cfg.unigrec.tokenizer_lr / cfg.train.lr} if cfg.unigrec.tokenizer_lr > 0 else {}
-        return param_groups(model, cfg.train.weight_decay, scales)
-
-    def make_task(self, cfg: "TrainRecConfig", data: UniGRecData, device: torch.device,
-                  metadata: dict[str, str]) -> TrainTask:
-        return make_task(cfg, data, device, metadata)
-
-    def load_recommender(self, cfg: "TrainRecConfig", model_dir: Path, state: dict[str, torch.Tensor],
-                         multi: MultiDomain, candidates: np.ndarray):
-        return load_recommender(cfg, state, multi, candidates)
+    # the module's functions are the plug-in's steps
+    prepare = staticmethod(prepare)
+    build_model = staticmethod(build_model)
+    make_task = staticmethod(make_task)
+    pretrain_tokenizer = staticmethod(pretrain_tokenizer)
+    load_recommender = staticmethod(load_recommender)
