@@ -234,6 +234,27 @@ def test_code_stats_change_rate():
     assert out["collision_rate"] == 0.5 and out["usage_l1"] == 1.0 and "perplexity_l2" in out
 
 
+def test_regenerated_codes_keep_each_items_dedup_token():
+    """A regeneration from an unchanged tokenizer returns the previous codes exactly, even where their dedup
+    tokens are not in item order (they came from an earlier regeneration); without the previous codes the
+    same assignment renumbers them."""
+    from megarec.methods.joint.samples import item_codes
+
+    model = tiny_model(sizes=(2, 2), n_items=24)
+    s = ETEGRecConfig(collision_codes=24)
+    keys = [f"D/{i}" for i in range(24)]
+    first, _ = item_codes(model.tokenizer, model.item_emb, keys, s)
+    prefix = first[:, :2]
+    shuffled = first.clone()
+    for g in torch.unique(prefix, dim=0):           # reverse the dedup tokens inside every group
+        members = torch.nonzero((prefix == g).all(1)).flatten()
+        shuffled[members, 2] = first[members.flip(0), 2]
+    assert not torch.equal(shuffled, first)
+    again, _ = item_codes(model.tokenizer, model.item_emb, keys, s, previous=shuffled)
+    assert torch.equal(again, shuffled)
+    assert torch.equal(item_codes(model.tokenizer, model.item_emb, keys, s)[0], first)
+
+
 # --------------------------------------------------------------------------- through the trainer
 TINY = ["--profile", "tiny", "--method", "etegrec", "--train.progress", "false", "--train.log_every", "2"]
 

@@ -114,6 +114,45 @@ def test_dedup_token_indexes_items_within_identical_ids():
     assert size == 1
 
 
+def test_stable_dedup_keeps_the_token_of_every_item_whose_prefix_is_unchanged():
+    """Regeneration with the previous codes: item 1 leaves group (0, 0) for (1, 1): items 0 and 2 keep
+    tokens 0 and 2 (a hole at 1, so the level needs 3 tokens), item 3 keeps 0 in (1, 1) and the newcomer
+    takes the smallest free token there, 1. Item order alone (no previous codes) would renumber item 2."""
+    previous = np.array([[0, 0, 0], [0, 0, 1], [0, 0, 2], [1, 1, 0]])
+    codes = np.array([[0, 0], [1, 1], [0, 0], [1, 1]])
+    new, size = add_dedup_level(codes, previous)
+    assert new[:, 2].tolist() == [0, 1, 2, 0] and size == 3
+    assert add_dedup_level(codes)[0][:, 2].tolist() == [0, 0, 1, 1]
+    # an item joining a group takes a free token; nobody else in the group moves
+    joined, _ = add_dedup_level(np.array([[0, 0], [0, 0], [0, 0], [0, 0]]), previous)
+    assert joined[:, 2].tolist() == [0, 1, 2, 3]
+    with pytest.raises(ValueError, match="previous codes have shape"):
+        add_dedup_level(codes, previous[:, :2])
+
+
+def test_stable_dedup_on_random_regenerations():
+    """Over random regenerations: unchanged prefixes keep their token, every ID stays unique, new
+    members fill the smallest free tokens of their group."""
+    rng = np.random.default_rng(0)
+    codes = rng.integers(0, 3, size=(300, 2))
+    cur, _ = add_dedup_level(codes)
+    for _ in range(5):
+        moved = rng.random(300) < 0.2
+        codes = np.where(moved[:, None], rng.integers(0, 3, size=(300, 2)), codes)
+        new, size = add_dedup_level(codes, cur)
+        same = (cur[:, :2] == codes).all(1)
+        assert np.array_equal(new[same, 2], cur[same, 2])
+        assert collision_rate(new) == 0.0 and size == new[:, 2].max() + 1
+        for g in {tuple(r) for r in codes[~same]}:
+            members = (codes == g).all(1)
+            tokens = sorted(new[members, 2])
+            kept = set(new[members & same, 2])
+            fresh = [t for t in tokens if t not in kept]
+            free = [t for t in range(len(tokens) + len(kept) + 1) if t not in kept][:len(fresh)]
+            assert fresh == free
+        cur = new
+
+
 def test_level_stats_and_random_collision_rate():
     codes = np.array([[0, 1], [0, 1], [1, 1], [2, 1]])
     s = level_stats(codes, [4, 2])

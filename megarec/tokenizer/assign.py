@@ -236,18 +236,41 @@ def spill_overflow(codes: np.ndarray, inputs: torch.Tensor, codebook: torch.Tens
 
 
 # ------------------------------------------------------------------ dedup policy
-def add_dedup_level(codes: np.ndarray) -> tuple[np.ndarray, int]:
-    """TIGER's extra token: append each item's index among the items sharing its ID (in item order).
+def add_dedup_level(codes: np.ndarray, previous: np.ndarray | None = None) -> tuple[np.ndarray, int]:
+    """TIGER's extra token: each item's index among the items sharing its ID.
 
-    Returns ``(codes [N, L+1], size of the new level = largest group)``.
+    Without ``previous``, indices follow item order. With ``previous [N, L+1]`` (the codes of the last
+    assignment, dedup token last), numbering is stable: an item whose first ``L`` codes did not change
+    keeps its dedup token, and the items new to a group take the smallest indices free in it (in item
+    order), so one item joining or leaving a group renumbers no other item of it (a recommender trained
+    on the old tokens keeps its targets). Returns ``(codes [N, L+1], size of the new level = the largest
+    index + 1)``.
     """
     codes = np.asarray(codes, dtype=np.int64)
     inverse, counts = _groups(codes)
-    order = np.argsort(inverse, kind="stable")
-    starts = np.concatenate([[0], np.cumsum(counts)[:-1]])
-    rank = np.empty(len(codes), dtype=np.int64)
-    rank[order] = np.arange(len(codes)) - starts[inverse[order]]
-    return np.concatenate([codes, rank[:, None]], axis=1), int(counts.max()) if len(counts) else 1
+    if previous is None:
+        order = np.argsort(inverse, kind="stable")
+        starts = np.concatenate([[0], np.cumsum(counts)[:-1]])
+        rank = np.empty(len(codes), dtype=np.int64)
+        rank[order] = np.arange(len(codes)) - starts[inverse[order]]
+    else:
+        previous = np.asarray(previous, dtype=np.int64)
+        if previous.shape != (codes.shape[0], codes.shape[1] + 1):
+            raise ValueError(f"previous codes have shape {previous.shape}, expected {(codes.shape[0], codes.shape[1] + 1)}")
+        kept = (previous[:, :-1] == codes).all(axis=1)   # same prefix: same group as before, distinct tokens
+        rank = np.where(kept, previous[:, -1], -1)
+        used: dict[int, set[int]] = {}
+        for i in np.flatnonzero(kept):
+            used.setdefault(int(inverse[i]), set()).add(int(rank[i]))
+        for i in np.flatnonzero(~kept):          # newcomers: the smallest free token of their group
+            taken = used.setdefault(int(inverse[i]), set())
+            r = 0
+            while r in taken:
+                r += 1
+            taken.add(r)
+            rank[i] = r
+    size = int(rank.max()) + 1 if len(rank) else 1
+    return np.concatenate([codes, rank[:, None]], axis=1), size
 
 
 # --------------------------------------------------------------------- statistics
@@ -305,8 +328,12 @@ def check_unique_keys(item_keys: Sequence[str]) -> None:
 
 
 def assign_catalogue(tokenizer: Tokenizer, x: torch.Tensor, item_keys: Sequence[str], policy: str = "utgrec",
-                     batch_size: int = 4096, device: str | torch.device | None = None) -> CodesFile:
+                     batch_size: int = 4096, device: str | torch.device | None = None,
+                     previous: np.ndarray | None = None) -> CodesFile:
     """Codes for every item of ``x [N, in_dim]`` under a collision ``policy``, with statistics in ``stats``.
+
+    ``previous``: the codes of the last assignment of the same catalogue (a regeneration); with the
+    ``dedup`` policy an item whose prefix is unchanged keeps its dedup token (:func:`add_dedup_level`).
 
     Collisions are resolved over the whole of ``x``: for several domains pass all their
     items at once (keys ``"<domain>/<item id>"``) and every item gets a distinct ID;
@@ -335,7 +362,7 @@ def assign_catalogue(tokenizer: Tokenizer, x: torch.Tensor, item_keys: Sequence[
             codes, stats["spill"] = spill_overflow(codes, inputs, tokenizer.level_codebook(len(sizes) - 2), sizes[-1])
         codes, stats["resolution"] = resolve_collisions(codes, last, tokenizer.last_codebook())
     elif policy == "dedup":
-        codes, extra = add_dedup_level(codes)
+        codes, extra = add_dedup_level(codes, previous)
         sizes.append(extra)
     stats["collision_rate_after"] = collision_rate(codes)
     stats["levels"] = level_stats(codes, sizes)

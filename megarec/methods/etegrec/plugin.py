@@ -215,9 +215,10 @@ class Schedule(CodeRegeneration):
         # its fp32 master copy only when it requires grad (engine.checkpoint.fp32_master).
         self.model.set_frozen(tokenizer=False, recommender=False)
 
-    def new_codes(self) -> tuple[torch.Tensor, dict[str, Any]]:
+    def new_codes(self, previous: torch.Tensor) -> tuple[torch.Tensor, dict[str, Any]]:
         model = self.model
-        return item_codes(model.tokenizer, model.item_emb.to(model.tokenizer_dtype()), self.data.item_keys, self.s)
+        return item_codes(model.tokenizer, model.item_emb.to(model.tokenizer_dtype()), self.data.item_keys, self.s,
+                          previous)
 
     def loss(self, engine, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         terms = engine(batch["input_ids"], batch["attention_mask"], batch["labels"], batch["targets"])

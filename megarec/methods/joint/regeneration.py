@@ -33,15 +33,17 @@ class CodeRegeneration:
         assert self.data.model is not None, "build_model first"
         return self.data.model
 
-    def new_codes(self) -> tuple[torch.Tensor, dict[str, Any]]:
-        """Every item's codes ``[N, L]`` from the current tokenizer, and the assignment's statistics."""
+    def new_codes(self, previous: torch.Tensor) -> tuple[torch.Tensor, dict[str, Any]]:
+        """Every item's codes ``[N, L]`` from the current tokenizer, and the assignment's statistics;
+        ``previous`` are the codes they replace (stable dedup tokens: an item whose prefix is unchanged
+        keeps its own)."""
         raise NotImplementedError
 
     def regenerate(self, first_epoch: int) -> dict[str, float]:
         """New codes for every item, used from epoch ``first_epoch`` on (collective); logs ``codebook/*``."""
         model = self.model
         old = model.item_codes.clone()
-        new, stats = self.new_codes()
+        new, stats = self.new_codes(old)
         model.item_codes.copy_(new.to(model.item_codes.device))
         model.codes_epoch.fill_(first_epoch)
         scalars = code_stats(old.cpu(), new.cpu(), self.data.vocab.codebook_sizes, stats)

@@ -95,19 +95,21 @@ def vocab_sizes(tokenizer: RQVAE, s: JointCodesConfig) -> list[int]:
 
 
 @torch.no_grad()
-def item_codes(tokenizer: RQVAE, item_emb: torch.Tensor, item_keys: Sequence[str], s: JointCodesConfig
-               ) -> tuple[torch.Tensor, dict[str, Any]]:
+def item_codes(tokenizer: RQVAE, item_emb: torch.Tensor, item_keys: Sequence[str], s: JointCodesConfig,
+               previous: torch.Tensor | None = None) -> tuple[torch.Tensor, dict[str, Any]]:
     """Every item's collision-free codes ``[N, L']`` under ``s.collisions`` (a collective under
-    ZeRO-3: call on every rank), identical on every rank (rank 0's are broadcast)."""
+    ZeRO-3: call on every rank), identical on every rank (rank 0's are broadcast). ``previous``: the
+    codes being replaced (a regeneration): an item whose prefix is unchanged keeps its dedup token."""
     was = tokenizer.training
     tokenizer.eval()
     try:
         cf = assign_catalogue(tokenizer, item_emb, list(item_keys), s.collisions, batch_size=s.codes_batch_size,
-                              device=item_emb.device)
+                              device=item_emb.device, previous=None if previous is None else previous.cpu().numpy())
     finally:
         tokenizer.train(was)
     if s.collisions == "dedup" and cf.codebook_sizes[-1] > s.collision_codes:
-        raise CollisionError(f"{cf.codebook_sizes[-1]} items share one ID but {s.section}.collision_codes is "
+        raise CollisionError(f"{cf.codebook_sizes[-1]} items share one ID (dedup tokens needed) but "
+                             f"{s.section}.collision_codes is "
                              f"{s.collision_codes}: raise it or use {s.section}.collisions: utgrec")
     codes = broadcast_(torch.from_numpy(cf.codes).to(item_emb.device))
     return codes, cf.stats

@@ -204,8 +204,8 @@ class Schedule(CodeRegeneration):
         if self.regenerates:
             self.regenerate(epoch + 1)
 
-    def new_codes(self) -> tuple[torch.Tensor, dict[str, Any]]:
-        return shared.item_codes(self.model.tokenizer, self.model.item_emb, self.data.item_keys, self.s)
+    def new_codes(self, previous: torch.Tensor) -> tuple[torch.Tensor, dict[str, Any]]:
+        return shared.item_codes(self.model.tokenizer, self.model.item_emb, self.data.item_keys, self.s, previous)
 
     def loss(self, engine, b: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         terms = engine(b["items"], b["counts"], b["input_ids"], b["attention_mask"], b["labels"], b["targets"])
