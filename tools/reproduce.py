@@ -104,6 +104,12 @@ def main(argv=None) -> int:
     ap.add_argument("--seeds", default="2024", help="comma-separated seeds; several give a mean row too")
     ap.add_argument("--out", default="runs/reproduce", help="run folders go here")
     ap.add_argument("--json", default=None, help="write the results here")
+    ap.add_argument("--results", default=None, metavar="DIR",
+                    help="also write one run record per run, DIR/<dataset>/<method>/seed<seed>.json (config, commit, "
+                         "metrics, validation history, best epoch, seconds, codebook statistics): the data behind a "
+                         "README table (tools/results_table.py)")
+    ap.add_argument("--variant", default="", help="label of this table's runs in their records (an ablation, "
+                                                  "e.g. 'w/o AT'); the rows are 'METHOD (VARIANT)'")
     ap.add_argument("--deepspeed", default=None, help="DeepSpeed config for the recommender (default: built-in)")
     ap.add_argument("--cpu_threads", type=int, default=0,
                     help="torch threads on CPU (0 = all cores; 1 is faster on a machine shared with other jobs)")
@@ -124,6 +130,7 @@ def main(argv=None) -> int:
     from megarec.methods import method_names
     from megarec.methods.profiles import load_profile
     from megarec.methods.training import run_pipeline
+    from megarec.results import run_record, write_record
 
     if args.pretrain_seed is not None and args.pretrain_per_seed:
         ap.error("--pretrain_seed names the seed of one shared pre-training; --pretrain_per_seed pre-trains with "
@@ -172,6 +179,13 @@ def main(argv=None) -> int:
                        "total_s": time.perf_counter() - t0, "best_epoch": res["best_epoch"],
                        "epochs_run": res["epochs_run"], "users": res["test"]["count"], "run_dir": str(out / "rec")}
                 rows.append(row)
+                if args.results:
+                    stage_keys = [(f"stages.{st}.{k}", v) for st, k, v in args.stage_set]
+                    record = run_record(method, name, seed, args.profile, over + stage_keys, res, out / "rec",
+                                        row["total_s"])
+                    if args.variant:
+                        record["variant"] = args.variant
+                    write_record(record, args.results)
                 print(format_table([{**row, "seed": str(seed)}], ["method", "dataset", "seed", *METRICS, "train_s",
                                                                   "total_s"]), file=sys.stderr)
     table = list(rows)
