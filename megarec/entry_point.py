@@ -37,6 +37,25 @@ def script_overrides(args: argparse.Namespace, rest: Sequence[str]) -> list[tupl
     return overrides
 
 
+def check_run_files(deepspeed: str, init_from: str) -> None:
+    """The files a training run reads besides its data, checked before any work: ``train.deepspeed``
+    (readable JSON) and ``train.init_from`` (weights that exist); empty = not used."""
+    from megarec.config import ConfigError
+    from megarec.data.domain import DataError
+    from megarec.engine.checkpoint import resolve_weights
+    from megarec.engine.deepspeed_setup import load_ds_config
+
+    try:
+        load_ds_config(deepspeed or None)
+    except ConfigError as e:
+        raise ConfigError(f"train.deepspeed: {e}") from e
+    if init_from:
+        try:
+            resolve_weights(init_from)
+        except DataError as e:
+            raise DataError(f"train.init_from: {e}") from e
+
+
 def script_main(prog: str, parse_args: Callable[[Sequence[str] | None], Any], run: Callable[[Any], dict],
                 summary: Callable[[dict], dict], argv: Sequence[str] | None = None) -> int:
     from megarec.config import ConfigError

@@ -104,10 +104,11 @@ def vocab_sizes(tokenizer: RQVAE, s: "ETEGRecConfig") -> list[int]:
 
 
 @torch.no_grad()
-def item_codes(tokenizer: RQVAE, item_emb: torch.Tensor, item_keys: Sequence[str], s: "ETEGRecConfig"
-               ) -> tuple[torch.Tensor, dict[str, Any]]:
+def item_codes(tokenizer: RQVAE, item_emb: torch.Tensor, item_keys: Sequence[str], s: "ETEGRecConfig",
+               section: str = "etegrec") -> tuple[torch.Tensor, dict[str, Any]]:
     """Every item's collision-free codes ``[N, L']`` under ``s.collisions`` (a collective under
-    ZeRO-3: call on every rank), identical on every rank (rank 0's are broadcast)."""
+    ZeRO-3: call on every rank), identical on every rank (rank 0's are broadcast); ``section``:
+    the run-config section of ``s``, named in errors."""
     was = tokenizer.training
     tokenizer.eval()
     try:
@@ -116,8 +117,8 @@ def item_codes(tokenizer: RQVAE, item_emb: torch.Tensor, item_keys: Sequence[str
     finally:
         tokenizer.train(was)
     if s.collisions == "dedup" and cf.codebook_sizes[-1] > s.collision_codes:
-        raise CollisionError(f"{cf.codebook_sizes[-1]} items share one ID but etegrec.collision_codes is "
-                             f"{s.collision_codes}: raise it or use etegrec.collisions: utgrec")
+        raise CollisionError(f"{cf.codebook_sizes[-1]} items share one ID but {section}.collision_codes is "
+                             f"{s.collision_codes}: raise it or use {section}.collisions: utgrec")
     codes = broadcast_(torch.from_numpy(cf.codes).to(item_emb.device))
     return codes, cf.stats
 

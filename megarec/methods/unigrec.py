@@ -47,7 +47,6 @@ from megarec.methods.code_regeneration import CodeRegeneration
 from megarec.methods.unigrec_losses import joint_loss
 from megarec.methods.unigrec_model import UniGRecModel, UniGRecTerms
 from megarec.recommender.t5 import GenerativeRecommender, T5RecConfig
-from megarec.tokenizer.assign import CollisionError
 from megarec.tokenizer.rqvae import RQVAE
 
 if TYPE_CHECKING:
@@ -139,10 +138,7 @@ def uses_teacher(s: UniGRecConfig) -> bool:
 def item_codes(tokenizer: RQVAE, item_emb: torch.Tensor, item_keys: Sequence[str], s: UniGRecConfig
                ) -> tuple[torch.Tensor, dict[str, Any]]:
     """Every item's collision-free hard codes (argmax of Eq. 14 at the tokenizer's tau); a collective."""
-    try:
-        return shared.item_codes(tokenizer, item_emb, item_keys, s)
-    except CollisionError as e:
-        raise CollisionError(f"{e} (here: unigrec.collision_codes / unigrec.collisions)") from e
+    return shared.item_codes(tokenizer, item_emb, item_keys, s, "unigrec")
 
 
 def tokenizer_inputs(folder: str | Path, domains: Sequence[Domain]) -> tuple[RQVAE, TokenizerConfig, torch.Tensor]:
