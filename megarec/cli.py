@@ -33,8 +33,9 @@ def _add_quickstart(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
 def _cmd_quickstart(args: argparse.Namespace) -> int:
     from megarec.quickstart import run_quickstart
 
-    run_quickstart(args.out, methods=[m for m in args.methods.split(",") if m], profile=args.profile,
-                   domains=args.domains, progress=not args.no_progress)
+    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    run_quickstart(args.out, methods=methods, profile=args.profile, domains=args.domains,
+                   progress=not args.no_progress)
     return 0
 
 
@@ -229,13 +230,19 @@ def _add_tokenize(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
 
 
 def _cmd_tokenize(args: argparse.Namespace) -> int:
-    from megarec.config import TokenizerConfig, load_config
-    from megarec.data.readers import read_domain
-    from megarec.tokenizer.commands import domains_summary, summary_rows, tokenize
     from pathlib import Path
 
-    cfg_path = Path(args.model) / "config.yaml"
-    cfg = load_config(TokenizerConfig, cfg_path) if cfg_path.is_file() else TokenizerConfig()
+    from megarec.data.readers import read_domain
+    from megarec.tokenizer.commands import check_inputs, domains_summary, summary_rows, tokenize
+    from megarec.tokenizer.rqvae import RQVAE
+
+    if Path(args.out).is_dir():
+        raise ConfigError(f"--out {args.out} is a folder; give the codes file to write (.safetensors)")
+    _, cfg, extra = RQVAE.load(args.model)            # not a trained tokenizer: DataError naming --model
+    if extra.get("input") == "embeddings" and args.embeddings is None:
+        raise DataError(f"the tokenizer in {args.model} was trained on item embeddings ({extra.get('embeddings')}); "
+                        "pass --embeddings FILE with the same kind of embeddings for these domains")
+    check_inputs(cfg, args.embeddings)
     domains = [read_domain(p, kcore=args.kcore, text_fields=cfg.text_fields) for p in args.paths]
     codes = tokenize(args.model, domains, args.out, args.collisions, args.embeddings)
     print(format_table(summary_rows(codes.stats), ["level", "usage", "perplexity", "entropy"]))
@@ -285,6 +292,9 @@ def _cmd_train_rec(args: argparse.Namespace) -> int:
             *(["--init_from", args.init_from] if args.init_from else []),
             *(["--profile", args.profile] if args.profile else []), *args.overrides]
     if args.launcher == "deepspeed":
+        from megarec.methods.training import check_inputs
+
+        check_inputs(train_rec.parse_args(argv))   # config errors here, not on every rank after start-up
         port = ["--master_port", str(args.master_port)] if args.master_port else []
         exe = shutil.which("deepspeed")
         launcher = [exe] if exe else [sys.executable, "-m", "deepspeed.launcher.runner"]
@@ -340,6 +350,9 @@ def _cmd_recommend(args: argparse.Namespace) -> int:
 
     if args.topk < 1:
         raise ConfigError("--topk must be >= 1")
+    if args.batch_size < 1:
+        raise ConfigError("--batch_size must be >= 1")
+    given = _read_histories(args.histories) if args.histories else None   # file errors before the model loads
     trained = load_trained(args.model, args.domain)
     names = [d.name for d in trained.domains]
     if args.domain is None and len(names) > 1:
@@ -355,7 +368,7 @@ def _cmd_recommend(args: argparse.Namespace) -> int:
             raise DataError(f"users not in domain {dom.name!r}: {missing[:5]}")
         rows = [(u, [dom.item_ids[i] for i in dom.sequences[users[u]]]) for u in args.user]
     else:
-        rows = _read_histories(args.histories)
+        rows = given
     histories = []
     for n, (_, hist) in enumerate(rows, 1):
         ids = [str(h).split("/", 1)[1] if str(h).startswith(dom.name + "/") else str(h) for h in hist]

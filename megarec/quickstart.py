@@ -40,29 +40,50 @@ def transfer_overrides(method: str, target: str, paths: dict[str, Path]) -> list
     return [(key, ",".join(str(p) for n, p in paths.items() if n != target))]
 
 
+def check_arguments(methods: Sequence[str], profile: str, domains: Sequence[str] | None,
+                    out: Path) -> tuple[list[str], dict[str, Path]]:
+    """``(chosen domain names, every sample domain's folder by name)`` once each method, its profile and each
+    domain is known to be valid: every run's config is built as :func:`~megarec.methods.training.run_pipeline`
+    builds it, before any statistics, shards or training (a ConfigError / DataError naming the bad argument
+    and the choices otherwise)."""
+    from megarec.config import ConfigError
+    from megarec.data.sample import sample_paths
+    from megarec.methods import method_names
+    from megarec.methods.training import pipeline_config
+
+    paths = {p.name: p for p in sample_paths()}
+    names = list(domains) if domains else list(paths)
+    unknown = [n for n in names if n not in paths]
+    if unknown:
+        raise DataError(f"no sample domain {unknown}; the sample has {', '.join(paths)}")
+    if not methods:
+        raise ConfigError(f"--methods: give at least one of {', '.join(method_names())}")
+    for name in names:
+        for method in methods:   # unknown method or profile: ConfigError listing the choices
+            pipeline_config(method, [paths[name]], out / name / method, profile,
+                            transfer_overrides(method, name, paths), progress=False)
+    return names, paths
+
+
 def run_quickstart(out: str | Path = "runs/quickstart", methods: Sequence[str] = ("sasrec", "tiger"),
                    profile: str = "quickstart", domains: Sequence[str] | None = None,
                    progress: bool = True) -> dict[str, Any]:
     """Run the quickstart; returns ``{"stats": [...], "shards": {...}, "results": [...]}`` (also in summary.json)."""
     from torch.utils.tensorboard import SummaryWriter
 
+    from megarec.data.sample import load_sample
     from megarec.formatting import format_table
-    from megarec.data.sample import load_sample, sample_paths
     from megarec.data.shards import ShardDataset, write_shards
     from megarec.methods.training import run_pipeline
 
     log = get_logger("megarec.quickstart")
     out = Path(out)
+    names, paths = check_arguments(methods, profile, domains, out)
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
 
     _stage("1/4 data: embedded sample (real Amazon reviews)")
     sample = load_sample()
-    paths = dict(zip([d.name for d in sample], sample_paths()))
-    names = list(domains) if domains else list(paths)
-    unknown = sorted(set(names) - set(paths))
-    if unknown:
-        raise DataError(f"no sample domain {unknown}; the sample has {', '.join(paths)}")
     chosen = [d for d in sample if d.name in names]
     stats = [d.stats() for d in chosen]
     print(format_table(stats, ["domain", "users", "items", "interactions", "avg_len", "sparsity"]))

@@ -375,7 +375,7 @@ def test_exported_model_recommends_with_its_codes(trained):
     t = load_trained(trained["run"])
     items, scores = t.recommender.recommend([np.array([1, 2, 3]), np.array([7])], 5)
     assert items.shape == (2, 5) and (items >= 0).all() and (scores[:, :-1] >= scores[:, 1:]).all()
-    vocab = CodeVocab([4, 4, 16])
+    vocab = CodeVocab([4, 4, 2048])                    # the tiny RQ-VAE's levels + the tiny profile's collision level
     assert np.array_equal(t.recommender.item_tokens, vocab.item_tokens(codes.numpy()))
     # 'w/o ETE': the final codes as a codes file that TIGER reads
     from megarec.data.code_sequences import CodeSequenceData
@@ -386,7 +386,7 @@ def test_exported_model_recommends_with_its_codes(trained):
     path = trained["root"] / "final_codes.safetensors"
     trained_codes(t.cfg, w, MultiDomain(t.domains)).save(path)
     cf = CodesFile.load(path)
-    assert cf.dedup_level and cf.codebook_sizes == [4, 4, 16] and np.array_equal(cf.codes, codes.numpy())
+    assert cf.dedup_level and cf.codebook_sizes == [4, 4, 2048] and np.array_equal(cf.codes, codes.numpy())
     assert CodeSequenceData(t.domains, cf).vocab.vocab_size == vocab.vocab_size
 
 

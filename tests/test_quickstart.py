@@ -3,6 +3,8 @@
 tests/test_train_rec_tiger_e2e.py."""
 import json
 
+import pytest
+
 from megarec.cli import main
 
 
@@ -34,6 +36,18 @@ def test_quickstart_runs_stats_shards_and_a_recommender(tmp_path, capsys):
     assert (utg / "rec_pretrain" / "model" / "model.safetensors").is_file()
 
 
-def test_quickstart_rejects_an_unknown_domain(tmp_path, capsys):
-    assert main(["quickstart", "--out", str(tmp_path), "--domains", "Toys", "--no-progress"]) == 2
-    assert "no sample domain ['Toys']" in capsys.readouterr().err
+@pytest.mark.parametrize("args,message", [
+    (["--methods", "sasrec,foo"], "unknown method 'foo'; choose from sasrec, tiger, etegrec, unigrec, utgrec"),
+    (["--methods", ","], "--methods: give at least one of sasrec"),
+    (["--domains", "Office", "Toys"], "no sample domain ['Toys']; the sample has Scientific, Office, Games"),
+    (["--methods", "sasrec,utgrec", "--profile", "huge"], "profile 'huge' has no settings for method 'sasrec'; "
+                                                          "choose from paper, cpu-small, quickstart, tiny"),
+])
+def test_quickstart_checks_every_argument_before_any_work(tmp_path, capsys, args, message):
+    """Nothing is computed or written (no statistics, no shards) before methods, domains and profile are known."""
+    out = tmp_path / "qs"
+    assert main(["quickstart", "--out", str(out), "--no-progress", *args]) == 2
+    captured = capsys.readouterr()
+    assert message in captured.err
+    assert "== 1/4" not in captured.out
+    assert not out.exists()

@@ -65,3 +65,29 @@ def test_pretrain_seed_and_pretrain_per_seed_contradict(capsys):
         load_tool("reproduce").main(["--data", str(SAMPLE_DIR / "Scientific"), "--pretrain_seed", "7",
                                      "--pretrain_per_seed"])
     assert "--pretrain_seed names the seed of one shared pre-training" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--data", "{Scientific}", "{tmp}/Missing"], "--data {tmp}/Missing: {tmp}/Missing: no such file or folder"),
+    (["--data", "{Scientific}", "{Scientific}"], "--data: domain 'Scientific' is given twice"),
+    (["--data", "{Scientific}", "--pretrain", "{Office}", "{tmp}/Missing"], "--pretrain {tmp}/Missing:"),
+    (["--data", "{Scientific}", "--methods", "sasrec,foo"], "--methods: unknown method 'foo'; choose from sasrec, "
+                                                            "tiger, etegrec, unigrec, utgrec, utgrec-nopt"),
+    (["--data", "{Scientific}", "--profile", "huge"], "--profile: profile 'huge' has no settings for method"),
+    (["--data", "{Scientific}", "--seeds", "2024,x"], "--seeds: expected comma-separated integers"),
+    (["--data", "{Scientific}", "--seeds", ","], "--seeds: expected comma-separated integers"),
+    (["--data", "{Scientific}", "--set", "train.nonsense", "1"], "unknown key 'train.nonsense'"),
+    (["--data", "{Scientific}", "--deepspeed", "{tmp}/ds.json"], "train.deepspeed: DeepSpeed config {tmp}/ds.json"),
+    (["--data", "{Scientific}", "--json", "{tmp}/no/r.json"], "--json {tmp}/no/r.json: folder {tmp}/no does not"),
+])
+def test_every_argument_is_checked_before_the_first_training(tmp_path, capsys, args, message):
+    """A bad argument anywhere (here after a good dataset and method) stops the script with exit code 2 before
+    anything is trained or written."""
+    fill = {"Scientific": SAMPLE_DIR / "Scientific", "Office": SAMPLE_DIR / "Office", "tmp": tmp_path}
+    out = tmp_path / "runs"
+    with pytest.raises(SystemExit) as e:   # the last --profile wins
+        load_tool("reproduce").main(["--profile", "tiny", "--out", str(out), "--no_progress",
+                                     *[a.format(**fill) for a in args]])
+    assert e.value.code == 2
+    assert message.format(**fill) in capsys.readouterr().err
+    assert not out.exists()

@@ -350,7 +350,7 @@ def test_without_distillation_no_teacher_is_needed(tmp_path):
     model = method.build_model(cfg, data)
     assert data.teacher_emb is None and model.enc_proj is None and model.dec_proj is None
     assert model.tau == pytest.approx(0.1)                              # the tokenizer's tau_min
-    assert data.vocab.codebook_sizes == [4, 4, 16]                      # + the tiny profile's collision level
+    assert data.vocab.codebook_sizes == [4, 4, 2048]                    # + the tiny profile's collision level
 
 
 def test_batches_read_the_models_current_codes():

@@ -32,7 +32,9 @@ The JSON holds ``"results"``: one object per (method, dataset, seed) with ``meth
 ``dataset``, ``seed``, ``recall@5``, ``recall@10``, ``ndcg@5``, ``ndcg@10``, ``train_s``,
 ``total_s``, ``best_epoch``, ``epochs_run``; and ``"skipped"``: the (method, dataset) pairs that
 cannot run, with the reason (a method that needs item text on a domain without any, e.g. TIGER
-or UniGRec on Instruments: reported, and the other runs go on).
+or UniGRec on Instruments: reported, and the other runs go on). Every argument (methods, profile, seeds,
+each --data / --pretrain dataset, overrides, the DeepSpeed config, the JSON's folder) is checked before the
+first training starts.
 """
 from __future__ import annotations
 
@@ -42,6 +44,7 @@ import platform
 import sys
 import time
 from pathlib import Path
+from typing import NamedTuple
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -81,6 +84,104 @@ def pretrain_overrides(method: str, pretrain: dict[str, str], target: str,
         over += [(plugin.pretrain_dir_key, str(root / method / "+".join(sorted(others.values())))),
                  (plugin.pretrain_seed_key, str(seed))]
     return over
+
+
+def parse_methods(text: str, profile: str) -> list[str]:
+    """The ``--methods`` entries, each a registered method or an alias with ``profile`` shipped for it."""
+    from megarec.config import ConfigError
+    from megarec.methods import method_names
+    from megarec.methods.profiles import load_profile
+
+    methods = [m.strip() for m in text.split(",") if m.strip()]
+    choices = ", ".join((*method_names(), *ALIASES))
+    if not methods:
+        raise ConfigError(f"--methods: give at least one of {choices}")
+    for m in methods:
+        base = resolve_method(m)[0]
+        if base not in method_names():
+            raise ConfigError(f"--methods: unknown method {m!r}; choose from {choices}")
+        try:
+            load_profile(base, profile)
+        except ConfigError as e:
+            raise ConfigError(f"--profile: {e}") from e
+    return methods
+
+
+def parse_seeds(text: str) -> list[int]:
+    """``--seeds``: comma-separated non-negative integers, at least one."""
+    from megarec.config import ConfigError
+
+    try:
+        seeds = [int(s) for s in text.split(",") if s.strip()]
+    except ValueError:
+        raise ConfigError(f"--seeds: expected comma-separated integers, e.g. 2024,2025; got {text!r}") from None
+    if not seeds or min(seeds) < 0:
+        raise ConfigError(f"--seeds: expected comma-separated integers >= 0, e.g. 2024,2025; got {text!r}")
+    return seeds
+
+
+def read_names(paths: list[str], flag: str) -> dict[str, str]:
+    """Resolved path -> domain name of every path, each read once (a missing or unreadable one is a
+    DataError naming ``flag``); two paths that are one domain would share their run folders: a ConfigError."""
+    from megarec.config import ConfigError
+    from megarec.data.domain import DataError
+    from megarec.data.readers import read_domain
+
+    names: dict[str, str] = {}
+    for p in paths:
+        try:
+            name = read_domain(p).name
+        except DataError as e:
+            raise DataError(f"{flag} {p}: {e}") from e
+        if name in names.values():
+            raise ConfigError(f"{flag}: domain {name!r} is given twice ({p}); every dataset needs its own name")
+        names[str(Path(p).resolve())] = name
+    return names
+
+
+class Run(NamedTuple):
+    """One (dataset, method, seed) of the table and what ``run_pipeline`` gets for it."""
+
+    path: str
+    name: str
+    method: str                  # as given (an alias or a method)
+    base: str                    # the registered method
+    seed: int
+    out: Path
+    overrides: list[tuple[str, str]]
+    stage_overrides: dict[str, list[tuple[str, str]]]
+
+
+def plan_runs(args: argparse.Namespace, methods: list[str], seeds: list[int], data: dict[str, str],
+              pretrain: dict[str, str]) -> list[Run]:
+    """Every run of the table, its config built and checked as ``run_pipeline`` will (overrides, the DeepSpeed
+    config, the JSON output's folder), so a bad argument stops the script before the first training."""
+    from megarec.config import ConfigError
+    from megarec.methods.training import check_inputs, pipeline_config
+
+    if args.json and not Path(args.json).resolve().parent.is_dir():
+        raise ConfigError(f"--json {args.json}: folder {Path(args.json).resolve().parent} does not exist")
+    shared = None if args.pretrain_per_seed else (Path(args.out).resolve() / args.profile / "pretrain",
+                                                  seeds[0] if args.pretrain_seed is None else args.pretrain_seed)
+    stage_over: dict[str, list[tuple[str, str]]] = {}
+    for stage, k, v in args.stage_set:
+        stage_over.setdefault(stage, []).append((k, v))
+    runs = []
+    for path, name in data.items():
+        for method in methods:
+            for seed in seeds:
+                base, alias_over = resolve_method(method)
+                over = [("train.seed", str(seed)), ("train.cpu_threads", str(args.cpu_threads)),
+                        *pretrain_overrides(base, pretrain, path, shared), *[(k, v) for k, v in args.set],
+                        *alias_over]
+                if args.resume:
+                    over.append(("train.resume", "true"))
+                if args.deepspeed:
+                    over.append(("train.deepspeed", args.deepspeed))
+                out = Path(args.out) / args.profile / name / method / f"seed{seed}"
+                check_inputs(pipeline_config(base, [path], out, args.profile, over, progress=False))
+                runs.append(Run(path, name, method, base, seed, out, over, stage_over))
+    return runs
 
 
 def main(argv=None) -> int:
@@ -125,69 +226,45 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
 
     from megarec.config import ConfigError
-    from megarec.data.domain import MissingTextError
-    from megarec.data.readers import read_domain
-    from megarec.methods import method_names
-    from megarec.methods.profiles import load_profile
+    from megarec.data.domain import DataError, MissingTextError
     from megarec.methods.training import run_pipeline
     from megarec.results import run_record, write_record
 
     if args.pretrain_seed is not None and args.pretrain_per_seed:
         ap.error("--pretrain_seed names the seed of one shared pre-training; --pretrain_per_seed pre-trains with "
                  "each seed")
-    methods = [m for m in args.methods.split(",") if m]
-    seeds = [int(s) for s in args.seeds.split(",") if s]
-    for m in methods:
-        base = resolve_method(m)[0]
-        if base not in method_names():
-            ap.error(f"--methods: unknown method {m!r}; choose from {', '.join((*method_names(), *ALIASES))}")
-        try:
-            load_profile(base, args.profile)
-        except ConfigError as e:
-            ap.error(f"--profile: {e}")
+    try:   # every argument checked before the first training starts
+        methods, seeds = parse_methods(args.methods, args.profile), parse_seeds(args.seeds)
+        data, pretrain = read_names(args.data, "--data"), read_names(args.pretrain, "--pretrain")
+        runs = plan_runs(args, methods, seeds, data, pretrain)
+    except (ConfigError, DataError) as e:
+        ap.error(str(e))
     rows, skipped = [], []
-    shared = None if args.pretrain_per_seed else (Path(args.out).resolve() / args.profile / "pretrain",
-                                                  seeds[0] if args.pretrain_seed is None else args.pretrain_seed)
-    # read once: fails on bad data before training anything, and names the shared pre-training folder
-    pretrain = {str(Path(p).resolve()): read_domain(p).name for p in args.pretrain}
-    for path in args.data:
-        name = read_domain(path).name           # fail on bad data before training anything
-        for method in methods:
-            for seed in seeds:
-                out = Path(args.out) / args.profile / name / method / f"seed{seed}"
-                base, alias_over = resolve_method(method)
-                over = [("train.seed", str(seed)), ("train.cpu_threads", str(args.cpu_threads)),
-                        *pretrain_overrides(base, pretrain, path, shared),
-                        *[(k, v) for k, v in args.set], *alias_over]
-                if args.resume:
-                    over.append(("train.resume", "true"))
-                if args.deepspeed:
-                    over.append(("train.deepspeed", args.deepspeed))
-                t0 = time.perf_counter()
-                stage_over: dict[str, list[tuple[str, str]]] = {}
-                for stage, k, v in args.stage_set:
-                    stage_over.setdefault(stage, []).append((k, v))
-                try:
-                    res = run_pipeline(base, [path], out, profile=args.profile, overrides=over,
-                                       stage_overrides=stage_over, progress=not args.no_progress)
-                except MissingTextError as e:
-                    print(f"skipped {method} on {name}: {e}", file=sys.stderr)
-                    skipped.append({"method": method, "dataset": name, "reason": str(e)})
-                    break                                # the other seeds cannot run either
-                row = {"method": method, "dataset": name, "seed": seed,
-                       **{k: res["test"][k] for k in METRICS}, "train_s": res["train_s"],
-                       "total_s": time.perf_counter() - t0, "best_epoch": res["best_epoch"],
-                       "epochs_run": res["epochs_run"], "users": res["test"]["count"], "run_dir": str(out / "rec")}
-                rows.append(row)
-                if args.results:
-                    stage_keys = [(f"stages.{st}.{k}", v) for st, k, v in args.stage_set]
-                    record = run_record(method, name, seed, args.profile, over + stage_keys, res, out / "rec",
-                                        row["total_s"])
-                    if args.variant:
-                        record["variant"] = args.variant
-                    write_record(record, args.results)
-                print(format_table([{**row, "seed": str(seed)}], ["method", "dataset", "seed", *METRICS, "train_s",
-                                                                  "total_s"]), file=sys.stderr)
+    for run in runs:
+        if any(sk["method"] == run.method and sk["dataset"] == run.name for sk in skipped):
+            continue                                     # the other seeds cannot run either
+        t0 = time.perf_counter()
+        try:
+            res = run_pipeline(run.base, [run.path], run.out, profile=args.profile, overrides=run.overrides,
+                               stage_overrides=run.stage_overrides, progress=not args.no_progress)
+        except MissingTextError as e:
+            print(f"skipped {run.method} on {run.name}: {e}", file=sys.stderr)
+            skipped.append({"method": run.method, "dataset": run.name, "reason": str(e)})
+            continue
+        row = {"method": run.method, "dataset": run.name, "seed": run.seed,
+               **{k: res["test"][k] for k in METRICS}, "train_s": res["train_s"],
+               "total_s": time.perf_counter() - t0, "best_epoch": res["best_epoch"],
+               "epochs_run": res["epochs_run"], "users": res["test"]["count"], "run_dir": str(run.out / "rec")}
+        rows.append(row)
+        if args.results:
+            stage_keys = [(f"stages.{st}.{k}", v) for st, k, v in args.stage_set]
+            record = run_record(run.method, run.name, run.seed, args.profile, [*run.overrides, *stage_keys], res,
+                                run.out / "rec", row["total_s"])
+            if args.variant:
+                record["variant"] = args.variant
+            write_record(record, args.results)
+        print(format_table([{**row, "seed": str(run.seed)}], ["method", "dataset", "seed", *METRICS, "train_s",
+                                                              "total_s"]), file=sys.stderr)
     table = list(rows)
     if len(seeds) > 1:
         for name in dict.fromkeys(r["dataset"] for r in rows):

@@ -340,3 +340,20 @@ def part_lrs(engine) -> dict[str, float]:
         if prefix:
             out.setdefault(f"lr_{prefix}", float(group["lr"]))
     return out
+
+
+def check_run_files(deepspeed: str, init_from: str) -> None:
+    """The files a training run reads besides its data, checked before any work: ``train.deepspeed``
+    (readable JSON) and ``train.init_from`` (weights that exist); empty = not used."""
+    from megarec.data.domain import DataError
+    from megarec.engine.checkpoint import resolve_weights
+
+    try:
+        load_ds_config(deepspeed or None)
+    except ConfigError as e:
+        raise ConfigError(f"train.deepspeed: {e}") from e
+    if init_from:
+        try:
+            resolve_weights(init_from)
+        except DataError as e:
+            raise DataError(f"train.init_from: {e}") from e

@@ -19,9 +19,10 @@ class RQVAETokenizer(TokenizerPlugin):
         from megarec.config import TokenizerConfig, load_config
         from megarec.data.readers import read_domain
         from megarec.formatting import format_table
-        from megarec.tokenizer.commands import domains_summary, summary_rows, train_tokenizer
+        from megarec.tokenizer.commands import check_inputs, domains_summary, summary_rows, train_tokenizer
 
         cfg = load_config(TokenizerConfig, args.config, args.overrides)
+        check_inputs(cfg, args.embeddings)
         domains = [read_domain(p, kcore=args.kcore, text_fields=cfg.text_fields) for p in args.paths]
         if args.embeddings is None:
             for domain in domains:

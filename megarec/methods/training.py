@@ -106,6 +106,13 @@ def read_domains(cfg: DataConfig) -> list:
     return [d.sample_users(cfg.max_users) for d in domains] if cfg.max_users else domains
 
 
+def check_inputs(cfg: Any) -> None:
+    """The files a run reads besides its data (:func:`read_domains`), checked before any work."""
+    from megarec.engine.deepspeed_setup import check_run_files
+
+    check_run_files(cfg.train.deepspeed, cfg.train.init_from)
+
+
 def _check_run_dir(cfg: Any, run_dir: Path) -> None:
     from megarec.engine.checkpoint import latest_tag
 
@@ -131,6 +138,7 @@ def run(cfg: Any) -> dict[str, Any]:
     from megarec.engine.sampler import batches_per_epoch
     from megarec.engine.trainer import LoopConfig, Trainer
 
+    check_inputs(cfg)
     init_distributed()
     set_cpu_threads(cfg.train.cpu_threads)
     log = get_logger("megarec.train_rec")
@@ -210,6 +218,7 @@ def run_pipeline(method: str, paths: Sequence[str | Path], out_dir: str | Path, 
     folders, ``rec/``); returns ``metrics.json`` plus each stage's statistics under its name.
     """
     cfg = pipeline_config(method, paths, out_dir, profile, overrides, progress)   # validated before any compute
+    check_inputs(cfg)
     stages = {k: flatten(v) for k, v in load_profile(method, profile).stages.items()}
     for k, extra in (stage_overrides or {}).items():
         stages[k] = stages.get(k, []) + list(extra)

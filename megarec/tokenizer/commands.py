@@ -58,6 +58,20 @@ def catalogue_keys(domains: Domains) -> list[str]:
     return MultiDomain(as_domains(domains)).item_keys()
 
 
+def check_inputs(cfg: TokenizerConfig, embeddings: str | Path | None) -> None:
+    """The tokenizer's input exists (the embeddings file, else the text encoder), before any work or output."""
+    from megarec.tokenizer.encoders import default_encoder_path
+
+    if embeddings is not None:
+        if not Path(embeddings).is_file():
+            raise DataError(f"embeddings file {embeddings} does not exist")
+    elif cfg.encoder:
+        if not Path(cfg.encoder).exists():
+            raise DataError(f"encoder: text encoder {cfg.encoder} does not exist")
+    else:
+        default_encoder_path()   # DataError when the bundled encoder is not installed
+
+
 def tokenizer_inputs(domain: Domain, cfg: TokenizerConfig, folder: Path, embeddings: str | Path | None,
                      who: str) -> torch.Tensor:
     """Collaborative embeddings from ``embeddings`` when given, else the domain's (cached) text embeddings."""
@@ -185,10 +199,11 @@ def train_tokenizer(domains: Domains, cfg: TokenizerConfig, out_dir: str | Path,
     (:func:`codes_settings`). Returns the stats.
     """
     ds = as_domains(domains)
+    check_inputs(cfg, embeddings)
+    settings = codes_settings(cfg, ds, embeddings)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     (out / CODES).unlink(missing_ok=True)      # never leave old codes next to a new (or half-trained) model
-    settings = codes_settings(cfg, ds, embeddings)
     x = catalogue_inputs(ds, cfg, out, embeddings, "train-tokenizer")
     model, summary = train_rqvae(x, cfg, log_dir=out / "tb", progress=progress)
     extra = {"input": "embeddings" if embeddings is not None else "text", "domains": [d.name for d in ds],

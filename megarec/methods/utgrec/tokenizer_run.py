@@ -35,9 +35,11 @@ PRIOR_ITEMS = 50_000   # items whose text tokens give the text decoder's initial
 # --------------------------------------------------------------------------- run
 def _check(cfg: TrainTokenizerConfig, run_dir: Path) -> None:
     from megarec.engine.checkpoint import latest_tag
+    from megarec.engine.deepspeed_setup import check_run_files
 
     if not cfg.data.shards:
         raise ConfigError("data.shards: give the item shard folder (`megarec build-shards`)")
+    check_run_files(cfg.train.deepspeed, cfg.train.init_from)   # before the encoder is built
     if cfg.train.finetune and not cfg.train.init_from:
         raise ConfigError("train.finetune needs train.init_from (the pre-trained tokenizer)")
     if latest_tag(run_dir / "checkpoints") and not cfg.train.resume:
