@@ -234,6 +234,22 @@ def test_code_stats_change_rate():
     assert out["collision_rate"] == 0.5 and out["usage_l1"] == 1.0 and "perplexity_l2" in out
 
 
+def test_sq_reduction_mean_divides_each_term_by_its_width():
+    """``sq_reduction mean``: L_RECON / d_z and L_RQ / code_dim of the summed terms (same weights, same batch)."""
+    model = tiny_model(in_dim=12, code_dim=6).eval()
+    b = tiny_batch(model)
+    with torch.no_grad():
+        summed = model(b["input_ids"], b["attention_mask"], b["labels"], b["targets"])
+        model.sq_reduction = "mean"
+        meaned = model(b["input_ids"], b["attention_mask"], b["labels"], b["targets"])
+    torch.testing.assert_close(meaned.recon, summed.recon / 12)
+    torch.testing.assert_close(meaned.sq - meaned.recon, (summed.sq - summed.recon) / 6)
+    assert ETEGRecConfig().sq_reduction == "mean"
+    with pytest.raises(ValueError, match="sq_reduction"):
+        tiny_model().__class__(model.recommender, model.tokenizer, model.item_emb, model.item_codes,
+                               sq_reduction="max")
+
+
 def test_regenerated_codes_keep_each_items_dedup_token():
     """A regeneration from an unchanged tokenizer returns the previous codes exactly, even where their dedup
     tokens are not in item order (they came from an earlier regeneration); without the previous codes the

@@ -16,6 +16,12 @@ Choices where the public code (BishopLiu/ETEGRec) and the paper differ:
   summed over levels (as Eq. 15) and averaged over the batch. The public code
   averages over levels instead (``batchmean`` over ``B * L`` rows), so its
   ``mu`` corresponds to ``mu / L`` here.
+- **Scale of L_SQ** (``sq_reduction``). Eqs. 8-9 write squared norms, summed over
+  dimensions; the public code, whose ``mu`` / ``lambda`` (and ours, by default) were
+  tuned with it, takes per-element means (MSE). Summed, L_SQ is ``d_z`` (recon) and
+  ``code_dim`` (quantisation) times larger, so against it the alignment losses act
+  ~20-60x weaker than where their weights were tuned. ``mean`` (default) divides each
+  term by its width; ``sum`` is Eq. 9 as written.
 - **Where z_E lives.** ``z_E = MLP(mean_pool(H^E))`` (Eq. 14) is mapped to the
   tokenizer's latent space (width ``code_dim``) and quantised there, level by
   level on its own residuals, as the public code does (its encoder adapter maps
@@ -141,8 +147,10 @@ class ETEGRecModel(nn.Module):
 
     def __init__(self, recommender: GenerativeRecommender, tokenizer: RQVAE, item_emb: torch.Tensor,
                  item_codes: torch.Tensor, proj_hidden: Sequence[int] = (), sia_tau: float = 1.0,
-                 psa_tau: float = 0.07) -> None:
+                 psa_tau: float = 0.07, sq_reduction: str = "sum") -> None:
         super().__init__()
+        if sq_reduction not in ("sum", "mean"):
+            raise ValueError(f"sq_reduction must be sum or mean, got {sq_reduction!r}")
         if item_emb.shape[1] != tokenizer.in_dim:
             raise ValueError(f"item embeddings have dimension {item_emb.shape[1]}, the tokenizer expects "
                              f"{tokenizer.in_dim}")
@@ -157,6 +165,7 @@ class ETEGRecModel(nn.Module):
         self.register_buffer("item_codes", item_codes.detach().long().clone())
         self.register_buffer("codes_epoch", torch.zeros((), dtype=torch.long))
         self.sia_tau, self.psa_tau = float(sia_tau), float(psa_tau)
+        self.sq_reduction = sq_reduction
         self.frozen = {"tokenizer": False, "recommender": False}
         self._register_codebooks_as_external()
 
@@ -219,8 +228,8 @@ class ETEGRecModel(nn.Module):
             r = self.tokenizer.encoder(z.to(self.tokenizer_dtype()))
             q = self.tokenizer.quantizer(r)
             z_tilde = self.tokenizer.decoder(q.quantized)
-            recon = reconstruction_loss(z.float(), z_tilde.float())
-            sq = recon + q.loss
+            recon = reconstruction_loss(z.float(), z_tilde.float(), self.sq_reduction)
+            sq = recon + (q.loss / r.shape[-1] if self.sq_reduction == "mean" else q.loss)   # Eq. 8 (+ 10)
             p_item = residual_code_probs(r, books, self.sia_tau)
         # Recommender: L_REC, the encoder states (Eq. 11) and the decoder's first state (Eq. 12).
         with rec_grad:

@@ -77,6 +77,10 @@ class ETEGRecConfig(JointCodesConfig):
                                                    "recommender's is train.lr (paper: {5e-3, 3e-3, 1e-3})")
     rec_weight: float = field(1.0, min=0.0, help="weight of L_REC (Eq. 18)")
     sq_weight: float = field(1.0, min=0.0, help="weight of L_SQ (Eq. 17)")
+    sq_reduction: str = field("mean", choices=("mean", "sum"),
+                              help="L_SQ over dimensions: mean = per-element MSE, the public code's scale at which "
+                                   "mu / lambda were tuned; sum = the squared norms of Eqs. 8-9 as written "
+                                   "(d_z and code_dim times larger: the alignment losses then act ~20-60x weaker)")
     sia_weight: float = field(3e-4, min=0.0, help="mu: weight of L_SIA (Eqs. 17-18; 0 = the 'w/o SIA' ablation)")
     psa_weight: float = field(1e-4, min=0.0, help="lambda: weight of L_PSA (Eqs. 17-18; 0 = the 'w/o PSA' ablation)")
     sia_tau: float = field(1.0, min=1e-8, help="temperature of the code distributions of L_SIA (Eq. 6: 1)")
@@ -173,7 +177,7 @@ def build_model(cfg: "TrainRecConfig", data: ETEGRecData) -> ETEGRecModel:
     tokenizer = data.tokenizer
     tokenizer.quantizer.dead_code_steps = 0    # no restarts inside joint training (codes would jump)
     model = ETEGRecModel(GenerativeRecommender(s.t5, data.vocab), tokenizer, data.item_emb, data.table.codes,
-                         s.proj_hidden, s.sia_tau, s.psa_tau)
+                         s.proj_hidden, s.sia_tau, s.psa_tau, s.sq_reduction)
     model.train()
     data.model = model
     data.table.model = model
