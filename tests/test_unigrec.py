@@ -62,7 +62,7 @@ def naive_probs(x: torch.Tensor, C: torch.Tensor, tau: float) -> torch.Tensor:
 
 
 def tiny_model(sizes=(4, 4), dedup: int = 3, in_dim=12, code_dim=6, n_items=10, t_dim=5, seed=0,
-               identifiers="soft", frozen=False, cd=(True, True)) -> UniGRecModel:
+               identifiers="soft", frozen=False, cd=(True, True), teacher_map="fixed") -> UniGRecModel:
     from megarec.config import RQVAEConfig
     from megarec.data.code_vocab import CodeVocab
     from megarec.recommender.t5 import GenerativeRecommender, T5RecConfig
@@ -76,7 +76,8 @@ def tiny_model(sizes=(4, 4), dedup: int = 3, in_dim=12, code_dim=6, n_items=10, 
     i = torch.arange(n_items)
     codes = torch.stack([i % sizes[0], i // sizes[0] % sizes[1], i % dedup], 1)
     return UniGRecModel(rec, tok, torch.randn(n_items, in_dim), torch.randn(n_items, t_dim), codes, tau=0.5,
-                        identifiers=identifiers, cd_t=cd[0], cd_r=cd[1], tokenizer_frozen=frozen)
+                        identifiers=identifiers, cd_t=cd[0], cd_r=cd[1], tokenizer_frozen=frozen,
+                        teacher_map=teacher_map)
 
 
 def tiny_batch(model: UniGRecModel, B: int = 6, seed: int = 0) -> dict[str, torch.Tensor]:
@@ -238,7 +239,7 @@ def test_param_groups_hold_every_trainable_parameter_and_a_frozen_tokenizer_stay
         on_tok = {id(p) in tok for p in g["params"]}
         assert len(on_tok) == 1
         assert g["lr_scale"] == pytest.approx(2e-7 / 0.005 if on_tok.pop() else 1.0)
-    adapters = {id(p) for m in (model.enc_proj, model.tea_proj, model.dec_proj) for p in m.parameters()}
+    adapters = {id(p) for m in (model.enc_proj, model.dec_proj) for p in m.parameters()}
     assert adapters <= set(ids)                         # the projections are trained
     frozen = tiny_model(frozen=True)
     frozen.train()
@@ -247,6 +248,31 @@ def test_param_groups_hold_every_trainable_parameter_and_a_frozen_tokenizer_stay
     cfg0 = parse_args([*TINY, "--unigrec.tokenizer_lr", "0"])
     ids0 = {id(p) for g in UniGRecMethod().param_groups(cfg0, frozen) for p in g["params"]}
     assert not ids0 & {id(p) for p in frozen.tokenizer.parameters()}
+
+
+def test_cd_t_minimum_needs_the_teacher_when_its_side_is_fixed():
+    """L_CD^T with the paper's trainable teacher projection is 0 when both projections output one constant (a
+    minimum that carries nothing of the teacher); with the fixed least-squares teacher map no constant student
+    side reaches it: the teacher's rows still differ from item to item."""
+    def with_constant_student(model, c):
+        with torch.no_grad():
+            model.enc_proj.weight.zero_()
+            model.enc_proj.bias.copy_(c)
+            if model.tea_proj is not None:
+                model.tea_proj.weight.zero_()
+                model.tea_proj.bias.copy_(c)
+        return float(run_model(model, tiny_batch(model)).cd_t)
+
+    c = torch.randn(12)
+    assert with_constant_student(tiny_model(teacher_map="trainable").eval(), c) < 1e-6
+    fixed = tiny_model().eval()
+    assert fixed.tea_proj is None and fixed.tea_map.shape == (5 + 1, 12)
+    best = fixed.teacher_rows(torch.arange(10)).mean(0)       # the constant nearest to every teacher row
+    assert with_constant_student(fixed, best) > 1e-3 and with_constant_student(fixed, c) > 1e-3
+    # the map is least squares: its residual is orthogonal to the teacher's features
+    T = torch.cat([fixed.teacher_emb, torch.ones(10, 1)], 1).double()
+    resid = fixed.item_emb.double() - T @ fixed.tea_map.double()
+    torch.testing.assert_close(T.t() @ resid, torch.zeros(6, 12, dtype=torch.float64), atol=1e-4, rtol=0)
 
 
 def test_ablations_drop_their_adapters():
@@ -333,7 +359,7 @@ def test_frozen_tokenizer_passes_the_distillation_gradient_to_the_projections():
     terms = run_model(model, tiny_batch(model))
     (terms.cd_t + terms.cd_r + terms.rec).backward()
     assert all(p.grad is None for p in model.tokenizer.parameters())
-    for m in (model.enc_proj, model.tea_proj, model.dec_proj):
+    for m in (model.enc_proj, model.dec_proj):
         assert float(m.weight.grad.abs().sum()) > 0
 
 

@@ -70,6 +70,14 @@ def soft_history_embeddings(level_emb: torch.Tensor, slots: torch.Tensor, counts
     return x, (pos[None, :] <= eos).long()
 
 
+def teacher_lstsq_map(teacher_emb: torch.Tensor, item_emb: torch.Tensor) -> torch.Tensor:
+    """``[d_t + 1, d_in]``: the affine map (weights, then bias) of least squares from the teacher's item
+    embeddings to the tokenizer's item inputs, ``argmin_W ||[T 1] W - Z||^2`` over the catalogue (float64;
+    the same on every rank)."""
+    T = torch.cat([teacher_emb.double(), teacher_emb.new_ones(len(teacher_emb), 1).double()], 1)
+    return torch.linalg.lstsq(T, item_emb.double(), driver="gelsd").solution.float()
+
+
 class UniGRecModel(nn.Module):
     """Soft RQ-VAE tokenizer + T5 recommender + the distillation projections (Sec. 3.4).
 
@@ -86,7 +94,7 @@ class UniGRecModel(nn.Module):
     def __init__(self, recommender: GenerativeRecommender, tokenizer: RQVAE, item_emb: torch.Tensor,
                  teacher_emb: torch.Tensor | None, item_codes: torch.Tensor, tau: float,
                  identifiers: str = "soft", cd_t: bool = True, cd_r: bool = True, cd_tau: float = 0.07,
-                 tokenizer_frozen: bool = False, cd_t_tau: float = 0.0) -> None:
+                 tokenizer_frozen: bool = False, cd_t_tau: float = 0.0, teacher_map: str = "fixed") -> None:
         super().__init__()
         if not tokenizer.soft:
             raise ValueError("UniGRec needs a soft RQ-VAE (rqvae.quantizer: soft)")
@@ -97,6 +105,8 @@ class UniGRecModel(nn.Module):
             raise ValueError(f"identifiers must be soft or hard, got {identifiers!r}")
         if (cd_t or cd_r) and teacher_emb is None:
             raise ValueError("the distillation losses need teacher embeddings")
+        if teacher_map not in ("fixed", "trainable"):
+            raise ValueError(f"teacher_map must be fixed or trainable, got {teacher_map!r}")
         self.recommender, self.tokenizer = recommender, tokenizer
         self.vocab: CodeVocab = recommender.vocab
         self.tau, self.identifiers, self.cd_tau = float(tau), identifiers, float(cd_tau)
@@ -106,7 +116,13 @@ class UniGRecModel(nn.Module):
         # Sec. 3.4: linear layers to the tokenizer's input width (L_CD^T) and to the teacher's (L_CD^R).
         # Only the adapters of active losses exist, so every parameter gets a gradient every step.
         self.enc_proj = nn.Linear(d, tokenizer.in_dim) if cd_t else None
-        self.tea_proj = nn.Linear(teacher_emb.shape[1], tokenizer.in_dim) if cd_t else None
+        # The teacher side of L_CD^T: trainable (the paper's linear layer) lets both projections go constant,
+        # a minimum (KL 0) that carries nothing of the teacher; fixed = the least-squares map from the
+        # teacher's item embeddings to the tokenizer's inputs, so only the student side can move.
+        self.tea_proj = nn.Linear(teacher_emb.shape[1], tokenizer.in_dim) if cd_t and teacher_map == "trainable" \
+            else None
+        self.register_buffer("tea_map", teacher_lstsq_map(teacher_emb, item_emb) if cd_t and teacher_map == "fixed"
+                             else torch.zeros(0))
         self.dec_proj = nn.Linear(d, teacher_emb.shape[1]) if cd_r else None
         self.register_buffer("item_emb", item_emb.detach().float().clone())
         self.register_buffer("teacher_emb", teacher_emb.detach().float().clone() if teacher_emb is not None
@@ -119,6 +135,13 @@ class UniGRecModel(nn.Module):
         tokenizer.tau.fill_(self.tau)          # Sec. 3.5.2: tau fixed at tau_min in stage 2
         self._register_external()
         self.train(self.training)
+
+    def teacher_rows(self, targets: torch.Tensor) -> torch.Tensor:
+        """The targets' teacher embeddings in the tokenizer's input space (L_CD^T's teacher side)."""
+        tea = self.teacher_emb[targets]
+        if self.tea_proj is not None:
+            return self.tea_proj(tea)
+        return tea @ self.tea_map[:-1] + self.tea_map[-1]
 
     def _register_external(self) -> None:
         """Parameters read here outside their own module's forward (the token table in Eq. 15,
@@ -179,7 +202,7 @@ class UniGRecModel(nn.Module):
         cd_t = cd_r = zero
         if self.enc_proj is not None:
             h_enc = masked_mean(out.encoder_last_hidden_state, mask)       # Sec. 3.4.1, padding ignored
-            rows = torch.cat([self.enc_proj(h_enc), self.tea_proj(self.teacher_emb[targets])])
+            rows = torch.cat([self.enc_proj(h_enc), self.teacher_rows(targets)])
             # With a frozen tokenizer (no requires_grad) the gradient still reaches the projections.
             qd = self.tokenizer.quantizer(self.tokenizer.encoder(rows), self.tau)
             logp = residual_log_probs(qd.inputs, self.tokenizer.quantizer.codebooks(), self.cd_t_tau)

@@ -77,9 +77,15 @@ class UniGRecConfig(JointCodesConfig):
     cd_r_weight: float = field(0.1, min=0.0, help="lambda_R: weight of L_CD^R (Eq. 22; paper searches "
                                                   "{0.01, 0.05, 0.1, 0.5, 1}; 0 = the 'w/o L_CD^R' ablation)")
     cd_tau: float = field(0.07, min=1e-8, help="tau' of the InfoNCE of L_CD^R (Eq. 19; paper: 0.07)")
-    cd_t_tau: float = field(0.0, min=0.0, help="temperature of the code distributions of L_CD^T (Eq. 18; 0 = the "
-                                               "tokenizer's stage-2 tau, as the paper; the public code uses none, "
-                                               "i.e. 1)")
+    cd_t_teacher_map: str = field("fixed", choices=("fixed", "trainable"),
+                                  help="teacher side of L_CD^T: fixed = the least-squares map of the teacher's item "
+                                       "embeddings to the tokenizer's inputs (only the student side learns, so the "
+                                       "minimum carries the teacher's information); trainable = the paper's linear "
+                                       "layer (both sides can go constant: KL 0, nothing learnt)")
+    cd_t_tau: float = field(1.0, min=0.0, help="temperature of the code distributions of L_CD^T (Eq. 18). 1 = the "
+                                               "public code's scale (no temperature); 0 = the stage-2 tau as the "
+                                               "paper reads, which at tau_min 1e-3 makes L_CD^T ~3,000x larger "
+                                               "(~760 at the start against an L_Rec of a few nats)")
 
 
 # --------------------------------------------------------------------------- samples
@@ -161,7 +167,8 @@ def build_model(cfg: "TrainRecConfig", data: UniGRecData) -> UniGRecModel:
     data.tokenizer.quantizer.dead_code_steps = 0    # no restarts inside joint training (codes would jump)
     model = UniGRecModel(GenerativeRecommender(s.t5, data.vocab), data.tokenizer, data.item_emb, data.teacher_emb,
                          data.table.codes, data.tau, s.identifiers, cd_t=s.cd_t_weight > 0, cd_r=s.cd_r_weight > 0,
-                         cd_tau=s.cd_tau, tokenizer_frozen=s.tokenizer_lr == 0, cd_t_tau=s.cd_t_tau)
+                         cd_tau=s.cd_tau, tokenizer_frozen=s.tokenizer_lr == 0, cd_t_tau=s.cd_t_tau,
+                         teacher_map=s.cd_t_teacher_map)
     data.model = model
     data.table.model = model
     return model
