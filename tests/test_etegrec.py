@@ -344,16 +344,16 @@ def test_alternating_epochs_freeze_the_right_side(trained):
         assert _same(s["tok"], e["tok"]), "the frozen tokenizer moved in a recommender epoch"
         assert torch.equal(s["codes"], e["codes"]) and torch.equal(e["codes"], _snap(snaps, "regen", epoch)["codes"])
         assert not _same(s["rec"], e["rec"])
-    for epoch in (0, 2):        # tokenizer epochs: recommender frozen, codes regenerated after
+    for epoch in (0, 2):        # tokenizer epochs: recommender frozen, codes regenerated at the next start
         s, e, r = _snap(snaps, "start", epoch), _snap(snaps, "end", epoch), _snap(snaps, "regen", epoch)
         assert s["gates"] == {"decay": 0.0, "no_decay": 0.0, "tokenizer.": 1.0}
         assert s["tok_training"] and not s["rec_training"]
         assert _same(s["rec"], e["rec"]), "the frozen recommender moved in a tokenizer epoch"
         assert not _same(s["tok"], e["tok"])
         assert torch.equal(s["codes"], e["codes"])             # codes fixed during the epoch
-        assert r["codes_epoch"] == epoch + 1
-    # the codes regenerated after epoch 0 are the ones epoch 1 trains on
-    assert torch.equal(_snap(snaps, "regen", 0)["codes"], _snap(snaps, "start", 1)["codes"])
+        # validation after the epoch sees the codes it trained on; the next epoch starts on new ones
+        assert torch.equal(r["codes"], e["codes"]) and r["codes_epoch"] == e["codes_epoch"] == s["codes_epoch"]
+        assert _snap(snaps, "start", epoch + 1)["codes_epoch"] == epoch + 1
 
 
 def test_run_logs_every_term_and_codebook_statistics(trained):

@@ -204,17 +204,16 @@ class Schedule(CodeRegeneration):
         self.weights = loss_weights(self.phase, self.s)
         self.gates.clear()
         self.gates.update(lr_gates(self.phase))
-        self.model.set_frozen(tokenizer=not self.phase.train_tokenizer, recommender=not self.phase.train_recommender)
-        # Codes regenerated at the end of the previous epoch are in the checkpoint of that epoch
-        # end; if a run stopped between the two, regenerate from the (unchanged) weights now.
+        # After an epoch that trained the tokenizer, every item's codes are regenerated here, at the start
+        # of the next epoch: the validation and the export after an epoch see the codes it trained on. A
+        # resumed epoch finds them in its checkpoint (codes_epoch) and does not regenerate again.
         if epoch > 0 and epoch_phase(epoch - 1, self.s, self.epochs).regenerate \
                 and int(self.model.codes_epoch) < epoch:
             self.regenerate(epoch)
+        self.model.set_frozen(tokenizer=not self.phase.train_tokenizer, recommender=not self.phase.train_recommender)
         self.log.info("epoch %d: %s phase (alignment %s)", epoch, self.phase.name, "on" if self.phase.align else "off")
 
     def on_epoch_end(self, epoch: int) -> None:
-        if self.phase.regenerate:
-            self.regenerate(epoch + 1)
         # Unfreeze until the next epoch start: the export after validation takes a parameter from
         # its fp32 master copy only when it requires grad (engine.checkpoint.fp32_master).
         self.model.set_frozen(tokenizer=False, recommender=False)

@@ -57,7 +57,7 @@ def joint_task(cfg: Any, data: JointData, schedule: Any, device: torch.device, m
 
     task = TrainTask(num_samples=len(data.train), batch=lambda idx: data.train.batch(idx, device),
                      loss=schedule.loss, evaluate=run_eval, export_metadata=metadata, lengths=data.train.lengths,
-                     on_epoch_start=schedule.on_epoch_start, on_epoch_end=schedule.on_epoch_end,
+                     on_epoch_start=schedule.on_epoch_start, on_epoch_end=getattr(schedule, "on_epoch_end", None),
                      lr_gates=getattr(schedule, "gates", {}))
     task.schedule = schedule  # type: ignore[attr-defined]   # for tests and tools
     return task

@@ -183,7 +183,8 @@ def combine(terms: UniGRecTerms, s: UniGRecConfig) -> dict[str, torch.Tensor]:
 
 
 class Schedule(CodeRegeneration):
-    """Epoch hooks: hard codes regenerated from the tokenizer after every epoch (targets, tries),
+    """Epoch hooks: hard codes regenerated from the tokenizer at the start of every epoch after the first
+    (targets, tries),
     ``codebook/*`` scalars (per-level usage and perplexity, collision rate, change rate)."""
 
     def __init__(self, cfg: "TrainRecConfig", data: UniGRecData, num_samples: int) -> None:
@@ -202,14 +203,11 @@ class Schedule(CodeRegeneration):
         if epoch == 0:
             codes = self.model.item_codes.cpu()
             self.log_codebook(shared.code_stats(codes, codes, self.data.vocab.codebook_sizes, self.data.code_stats), 0)
-        # Codes of epoch e are made at the end of epoch e - 1 and saved with its checkpoint; if
-        # a run stopped between the two, they are regenerated now from the same weights.
+        # The codes of epoch e are regenerated from the tokenizer at its start (not at the end of epoch e - 1):
+        # the validation and the export after an epoch see the codes it trained on. A resumed epoch finds
+        # them in its checkpoint (codes_epoch) and does not regenerate again.
         elif self.regenerates and int(self.model.codes_epoch) < epoch:
             self.regenerate(epoch)
-
-    def on_epoch_end(self, epoch: int) -> None:
-        if self.regenerates:
-            self.regenerate(epoch + 1)
 
     def new_codes(self, previous: torch.Tensor) -> tuple[torch.Tensor, dict[str, Any]]:
         return shared.item_codes(self.model.tokenizer, self.model.item_emb, self.data.item_keys, self.s, previous)
