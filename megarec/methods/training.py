@@ -2,8 +2,8 @@
 
 ``TrainRecConfig`` is assembled from the method registry (one section per plug-in);
 :func:`run` trains, selects on validation and tests one method (the plug-in supplies data,
-model, task; :class:`~megarec.engine.trainer.Trainer` runs the loop); :func:`run_pipeline`
-runs the method's pipeline stages first (tokenizer, teacher); :func:`load_trained` reads a
+model, task; :class:`~megarec.engine.trainer.Trainer` runs it on :class:`~megarec.engine.loop.TrainLoop`);
+:func:`run_pipeline` runs the method's pipeline stages first (tokenizer, teacher); :func:`load_trained` reads a
 run or model folder back for ``megarec recommend``. ``train_rec.py`` is the command line
 around :func:`run`; pipeline stages of a method (e.g. a SASRec teacher) call :func:`run` too.
 Plug-ins are named by string in the registry, so this module imports none of them.
@@ -157,10 +157,12 @@ def run(cfg: Any) -> dict[str, Any]:
     task = method.make_task(cfg, data, device(), metadata)
     seed_everything(cfg.train.seed + 1000 * get_rank())   # per-rank dropout stream
     world = get_world_size()
-    total = cfg.train.epochs * batches_per_epoch(task.num_samples, cfg.train.batch_size, world)
     ds = resolve_ds_config(cfg.train.deepspeed or None, micro_batch_size=cfg.train.batch_size, lr=cfg.train.lr,
                            weight_decay=cfg.train.weight_decay,
                            grad_clip=None if cfg.train.grad_clip < 0 else cfg.train.grad_clip)
+    # optimizer steps: an epoch ends on an accumulation boundary (engine.sources.EpochBatches)
+    per_epoch = batches_per_epoch(task.num_samples, cfg.train.batch_size, world)
+    total = cfg.train.epochs * (per_epoch // int(ds["gradient_accumulation_steps"]))
     groups = method.param_groups(cfg, model)
     n_params = sum(p.numel() for p in model.parameters())
     log.info("%s on %s: %d training samples, %d parameters in %d optimiser groups, %d ranks, ZeRO stage %s, "
