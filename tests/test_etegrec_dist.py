@@ -33,7 +33,8 @@ def test_zero3_two_ranks_train_and_regenerate_codes(runs):
     for tag in ("loss/rec", "loss/sq", "loss/sia", "loss/psa"):
         assert len(tb_scalars(runs["full"] / "tb", tag)) == EPOCHS * runs["spe"], tag
     change = tb_scalars(runs["full"] / "tb" / "codebook", "codebook/change_rate")
-    assert sorted(change) == [runs["spe"], 3 * runs["spe"]]          # after epochs 0 and 2
+    # at the start of epoch 1, after tokenizer epoch 0 (none after the last epoch: it is evaluated on its codes)
+    assert sorted(change) == [runs["spe"]]
 
 
 def test_killed_tokenizer_epoch_resumes_to_the_same_state(runs):

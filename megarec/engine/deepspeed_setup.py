@@ -247,7 +247,8 @@ def gate_factor(name: str, gates: dict[str, float]) -> float:
 
 
 def build_engine(model: torch.nn.Module, ds_config: dict[str, Any], schedule: WarmupCosine | None = None,
-                 model_parameters: list[dict[str, Any]] | None = None, gates: dict[str, float] | None = None):
+                 model_parameters: list[dict[str, Any]] | None = None, gates: dict[str, float] | None = None,
+                 part_steps: dict[str, int] | None = None):
     """``deepspeed.initialize`` with the optimizer of a resolved ds config and ``schedule``.
 
     ``model_parameters``: optimizer groups (:func:`megarec.engine.param_groups.param_groups`);
@@ -257,7 +258,10 @@ def build_engine(model: torch.nn.Module, ds_config: dict[str, Any], schedule: Wa
     between groups hold at every step. A ds config with its own ``scheduler`` must be
     ``WarmupCosineLR`` when the groups' lrs differ (DeepSpeed's WarmupLR / WarmupDecayLR /
     OneCycle set one lr for every group). ``gates``: live LR multipliers by group name or
-    name prefix (:func:`gate_factor`), read at every step.
+    name prefix (:func:`gate_factor`), read at every step. ``part_steps``: group name prefix ->
+    the number of steps that part trains (its gate > 0): such a part has a schedule of its own,
+    ``schedule``'s warmup and minimum over its own steps, advancing only in steps it trains
+    (:class:`PartClocks`, ``engine.lr_clocks``; the trainer saves it in checkpoints).
 
     Returns the engine (``engine.module`` is the model; ``engine.optimizer`` and
     ``engine.lr_scheduler`` are DeepSpeed's / ours).
@@ -270,29 +274,64 @@ def build_engine(model: torch.nn.Module, ds_config: dict[str, Any], schedule: Wa
     else:
         params = _resolve_group_lrs(model_parameters, ds_config)
     use_ours = schedule is not None and "scheduler" not in ds_config
+    clocks = PartClocks(schedule, part_steps or {}, gates if gates is not None else {}) if use_ours else None
     engine, _, _, _ = deepspeed.initialize(
         model=model, model_parameters=params, config=ds_config, dist_init_required=False,
-        lr_scheduler=_gated_scheduler(schedule, gates if gates is not None else {}) if use_ours else None)
+        lr_scheduler=clocks.scheduler if use_ours else None)
+    engine.lr_clocks = clocks
     from megarec.engine.checkpoint import link_fp32_masters
 
     link_fp32_masters(engine.optimizer)   # bf16 at ZeRO 0: export the fp32 masters, not bf16 copies
     return engine
 
 
-def _gated_scheduler(schedule: WarmupCosine, gates: dict[str, float]):
-    """A ``LambdaLR`` whose factor for each group is ``schedule(step) x gate_factor(group name)``.
+class PartClocks:
+    """The ``LambdaLR`` factors of our schedule: for each group ``schedule(step) x gate_factor(name)``, or,
+    for a group of a part with its own length (``part_steps``: name prefix -> steps), the warmup-cosine
+    over that part's own steps, its clock advancing only in steps where its gate is > 0.
 
-    ``gates`` is shared with the method, which may change it between steps (joint methods
-    freeze the tokenizer or the recommender for whole epochs with a gate of 0: AdamW would
-    otherwise keep moving parameters whose gradient is zero through its momentum and weight
-    decay). The factors are closures, so ``LambdaLR.state_dict`` does not save them and a
-    resumed run keeps the live ``gates`` (the method derives them from the epoch again).
+    ``gates`` is shared with the method, which may change it between steps (joint methods freeze the
+    tokenizer or the recommender for whole epochs with a gate of 0: AdamW would otherwise keep moving
+    parameters whose gradient is zero through its momentum and weight decay). The factors are closures,
+    so ``LambdaLR.state_dict`` does not save them and a resumed run keeps the live ``gates`` (the method
+    derives them from the epoch again); the clocks are saved by the trainer (:meth:`state_dict`).
     """
-    def make(optimizer):
+
+    def __init__(self, schedule: WarmupCosine, part_steps: dict[str, int], gates: dict[str, float]) -> None:
+        self.schedule, self.part_steps, self.gates = schedule, dict(part_steps), gates
+        self.counts = {k: 0 for k in self.part_steps}   # steps each part has trained
+        self.last_step = 0                              # the scheduler step the counts are at
+
+    def _part(self, name: str) -> str | None:
+        hits = [k for k in self.part_steps if name.startswith(k)]
+        return max(hits, key=len) if hits else None
+
+    def _advance(self, step: int) -> None:
+        """Count the steps since the last call (the gates of the step just taken: a scheduler step comes
+        right after its optimizer step)."""
+        while self.last_step < step:
+            for k in self.counts:
+                if gate_factor(k, self.gates) > 0:
+                    self.counts[k] += 1
+            self.last_step += 1
+
+    def factor(self, name: str, step: int) -> float:
+        self._advance(step)
+        part, s = self._part(name), self.schedule
+        base = s(step) if part is None else warmup_cosine(self.counts[part], s.warmup_steps,
+                                                          self.part_steps[part], s.min_ratio)
+        return base * gate_factor(name, self.gates)
+
+    def scheduler(self, optimizer):
         names = [g.get("name", f"group{i}") for i, g in enumerate(optimizer.param_groups)]
-        return torch.optim.lr_scheduler.LambdaLR(
-            optimizer, [lambda step, n=n: schedule(step) * gate_factor(n, gates) for n in names])
-    return make
+        return torch.optim.lr_scheduler.LambdaLR(optimizer, [lambda step, n=n: self.factor(n, step) for n in names])
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"counts": dict(self.counts), "last_step": self.last_step}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.counts.update(state["counts"])
+        self.last_step = int(state["last_step"])
 
 
 def _resolve_group_lrs(groups: list[dict[str, Any]], ds_config: dict[str, Any]) -> list[dict[str, Any]]:

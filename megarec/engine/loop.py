@@ -161,6 +161,9 @@ class TrainLoop:
                             "resume it with that version")
         self.source.load_state_dict(loaded.pop("source"))
         self.task.load_state_dict(loaded.pop("task"))
+        clocks = loaded.pop("lr_clocks", None)
+        if clocks is not None and getattr(self.engine, "lr_clocks", None) is not None:
+            self.engine.lr_clocks.load_state_dict(clocks)
         w = loaded.pop("window")
         self.window = _Window(self.engine.device, w)
         self.task.load_window_state(w.get("task", {}))
@@ -172,6 +175,8 @@ class TrainLoop:
     def _save(self) -> None:
         state = {**self.state, "source": self.source.state_dict(), "task": self.task.state_dict(),
                  "window": {**self.window.state(), "task": self.task.window_state()}}
+        if getattr(self.engine, "lr_clocks", None) is not None:   # parts with LR schedules of their own
+            state["lr_clocks"] = self.engine.lr_clocks.state_dict()
         save_checkpoint(self.engine, self.ckpt_dir, state, keep=self.cfg.keep_checkpoints)
 
     def _pause(self, sync: bool = False) -> None:

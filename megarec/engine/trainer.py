@@ -45,7 +45,10 @@ class TrainTask:
     - ``lr_gates``: live learning-rate multipliers by optimiser-group name (see
       :func:`~megarec.engine.deepspeed_setup.gate_factor`; keys are group names or prefixes such as
       ``"tokenizer."``); a hook sets a group's
-      gate to 0 to freeze it.
+      gate to 0 to freeze it;
+    - ``lr_part_epochs``: group name prefix -> the number of epochs that part trains: its LR schedule
+      (warmup + cosine) then spans its own steps and advances only while its gate is > 0
+      (:class:`~megarec.engine.deepspeed_setup.PartClocks`); other groups follow the run's schedule.
     """
 
     num_samples: int
@@ -57,6 +60,7 @@ class TrainTask:
     on_epoch_start: Callable[[int], None] | None = None
     on_epoch_end: Callable[[int], None] | None = None
     lr_gates: dict[str, float] = field(default_factory=dict)
+    lr_part_epochs: dict[str, int] = field(default_factory=dict)
 
 
 @dataclass

@@ -169,8 +169,10 @@ def run(cfg: Any) -> dict[str, Any]:
              "bf16 %s, %d steps", cfg.method, "+".join(d.name for d in domains), task.num_samples, n_params,
              len(groups), world, ds.get("zero_optimization", {}).get("stage", 0),
              ds.get("bf16", {}).get("enabled", False), total)
+    steps = per_epoch // int(ds["gradient_accumulation_steps"])
     engine = build_engine(model, ds, WarmupCosine(cfg.train.warmup_steps, total, cfg.train.min_lr_ratio),
-                          model_parameters=groups, gates=task.lr_gates)
+                          model_parameters=groups, gates=task.lr_gates,
+                          part_steps={k: n * steps for k, n in task.lr_part_epochs.items()})
     if is_main_process():
         _write_model_files(cfg, run_dir)
     barrier()

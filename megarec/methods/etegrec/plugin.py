@@ -77,6 +77,10 @@ class ETEGRecConfig(JointCodesConfig):
                                                    "recommender's is train.lr (paper: {5e-3, 3e-3, 1e-3})")
     rec_weight: float = field(1.0, min=0.0, help="weight of L_REC (Eq. 18)")
     sq_weight: float = field(1.0, min=0.0, help="weight of L_SQ (Eq. 17)")
+    lr_schedule: str = field("per_side", choices=("per_side", "shared"),
+                             help="per_side: each side's warmup + cosine spans the epochs it trains and advances "
+                                  "only in them; shared: one schedule over every epoch, gated per side (the "
+                                  "recommender's LR then decays through the tokenizer epochs)")
     sq_reduction: str = field("mean", choices=("mean", "sum"),
                               help="L_SQ over dimensions: mean = per-element MSE, the public code's scale at which "
                                    "mu / lambda were tuned; sum = the squared norms of Eqs. 8-9 as written "
@@ -129,6 +133,15 @@ def lr_gates(phase: Phase) -> dict[str, float]:
     recommender side's (T5 and the alignment MLPs) ``decay`` / ``no_decay``."""
     rec = 1.0 if phase.train_recommender else 0.0
     return {"decay": rec, "no_decay": rec, TOKENIZER_PREFIX: 1.0 if phase.train_tokenizer else 0.0}
+
+
+def part_epochs(s: ETEGRecConfig, epochs: int) -> dict[str, int]:
+    """Epochs each side trains, by LR-gate key (:func:`lr_gates`): with ``lr_schedule per_side`` each side's
+    warmup + cosine spans its own epochs and advances only in them (the public code runs the tokenizer's
+    cosine over its own steps too)."""
+    phases = [epoch_phase(e, s, epochs) for e in range(epochs)]
+    rec = sum(p.train_recommender for p in phases)
+    return {TOKENIZER_PREFIX: sum(p.train_tokenizer for p in phases), "decay": rec, "no_decay": rec}
 
 
 def combine(terms: ETEGRecTerms, w: dict[str, float]) -> dict[str, torch.Tensor]:
@@ -194,6 +207,7 @@ class Schedule(CodeRegeneration):
         self.gates: dict[str, float] = {}
         self.weights: dict[str, float] = loss_weights(epoch_phase(0, self.s, self.epochs), self.s)
         self.phase = epoch_phase(0, self.s, self.epochs)
+        self.part_epochs = part_epochs(self.s, self.epochs) if self.s.lr_schedule == "per_side" else {}
 
     @property
     def model(self) -> ETEGRecModel:

@@ -49,7 +49,8 @@ class JointData:
 
 def joint_task(cfg: Any, data: JointData, schedule: Any, device: torch.device, metadata: dict[str, str]) -> TrainTask:
     """The task of a joint method: ``schedule`` holds the epoch hooks, the step's loss and (optionally)
-    ``gates``, live LR multipliers; evaluation runs on the model's current codes."""
+    ``gates``, live LR multipliers, and ``part_epochs``, the epochs each gated part trains (its own LR
+    schedule); evaluation runs on the model's current codes."""
 
     def run_eval(module: Any, split: str) -> dict[str, float]:
         per_domain = data.valid if split == "valid" else data.test
@@ -58,7 +59,7 @@ def joint_task(cfg: Any, data: JointData, schedule: Any, device: torch.device, m
     task = TrainTask(num_samples=len(data.train), batch=lambda idx: data.train.batch(idx, device),
                      loss=schedule.loss, evaluate=run_eval, export_metadata=metadata, lengths=data.train.lengths,
                      on_epoch_start=schedule.on_epoch_start, on_epoch_end=getattr(schedule, "on_epoch_end", None),
-                     lr_gates=getattr(schedule, "gates", {}))
+                     lr_gates=getattr(schedule, "gates", {}), lr_part_epochs=getattr(schedule, "part_epochs", {}))
     task.schedule = schedule  # type: ignore[attr-defined]   # for tests and tools
     return task
 
