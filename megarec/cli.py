@@ -320,39 +320,17 @@ def _add_recommend(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     return p
 
 
-def _read_histories(path: str) -> list[tuple[str | None, list]]:
-    from pathlib import Path
-
-    rows = []
-    f = Path(path)
-    if not f.is_file():
-        raise DataError(f"histories file {path} does not exist")
-    for n, line in enumerate(f.read_text().splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            obj = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise DataError(f"{path}:{n}: not valid JSON ({e.msg})") from e
-        user, hist = (obj.get("user"), obj.get("history")) if isinstance(obj, dict) else (None, obj)
-        if not isinstance(hist, list) or not hist:
-            raise DataError(f"{path}:{n}: expected a non-empty list of item ids (or {{\"history\": [...]}})")
-        rows.append((user, hist))
-    if not rows:
-        raise DataError(f"{path}: no histories")
-    return rows
-
-
 def _cmd_recommend(args: argparse.Namespace) -> int:
     import numpy as np
 
+    from megarec.data.histories import read_histories
     from megarec.methods.training import load_trained
 
     if args.topk < 1:
         raise ConfigError("--topk must be >= 1")
     if args.batch_size < 1:
         raise ConfigError("--batch_size must be >= 1")
-    given = _read_histories(args.histories) if args.histories else None   # file errors before the model loads
+    given = read_histories(args.histories) if args.histories else None   # file errors before the model loads
     trained = load_trained(args.model, args.domain)
     names = [d.name for d in trained.domains]
     if args.domain is None and len(names) > 1:
