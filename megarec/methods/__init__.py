@@ -24,15 +24,21 @@ REGISTRY: dict[str, str] = {
 DEFAULT_METHOD = "tiger"   # of a run config that names none
 
 
+def load_plugin(registry: dict[str, str], name: str, kind: str):
+    """An instance of the plug-in ``registry[name]`` (``"module:Class"``, imported only now); an unknown
+    name is a ConfigError listing the registered ones."""
+    from megarec.config import ConfigError
+
+    if name not in registry:
+        raise ConfigError(f"unknown {kind} {name!r}; choose from {', '.join(registry)}")
+    module, cls = registry[name].split(":")
+    return getattr(importlib.import_module(module), cls)()
+
+
 @lru_cache(maxsize=None)
 def get_method(name: str) -> "Method":
     """The registered method ``name`` (a :class:`~megarec.methods.base.Method` instance)."""
-    from megarec.config import ConfigError
-
-    if name not in REGISTRY:
-        raise ConfigError(f"unknown method {name!r}; choose from {', '.join(REGISTRY)}")
-    module, cls = REGISTRY[name].split(":")
-    return getattr(importlib.import_module(module), cls)()
+    return load_plugin(REGISTRY, name, "method")
 
 
 def method_names() -> tuple[str, ...]:

@@ -10,7 +10,6 @@ DeepSpeed launcher declares ``config_cls`` (its run config: YAML + ``--key value
 from __future__ import annotations
 
 import argparse
-import importlib
 from functools import lru_cache
 from typing import Any, ClassVar
 
@@ -49,12 +48,9 @@ class TokenizerPlugin:
 @lru_cache(maxsize=None)
 def get_tokenizer(name: str) -> TokenizerPlugin:
     """The registered tokenizer ``name``."""
-    from megarec.config import ConfigError
+    from megarec.methods import load_plugin
 
-    if name not in TOKENIZERS:
-        raise ConfigError(f"unknown tokenizer {name!r}; choose from {', '.join(TOKENIZERS)}")
-    module, cls = TOKENIZERS[name].split(":")
-    return getattr(importlib.import_module(module), cls)()
+    return load_plugin(TOKENIZERS, name, "tokenizer")
 
 
 def tokenizer_names() -> tuple[str, ...]:

@@ -68,8 +68,6 @@ class ETEGRecConfig(JointCodesConfig):
 
     embeddings: str = field("", help="item-embedding file, the tokenizer's input z (`megarec export-embeddings` of a "
                                      "trained SASRec; empty = the pipeline trains the teacher)")
-    tokenizer: str = field("", help="RQ-VAE folder pre-trained on those embeddings (`megarec train-tokenizer "
-                                    "--embeddings`), the tokenizer's initial weights (empty = the pipeline trains it)")
     alternate: bool = field(True, help="alternating optimisation (Sec. 3.4); false = the 'w/o AT' ablation: both "
                                        "sides trained jointly every epoch on every loss")
     cycle: int = field(2, min=2, help="epochs per cycle C (paper: {2, 4}); the first trains the tokenizer")

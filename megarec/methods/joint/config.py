@@ -14,6 +14,10 @@ class JointCodesConfig:
     section: ClassVar[str] = ""   # the run-config section a subclass is (error messages name its keys)
 
     t5: T5RecConfig = field(default_factory=T5RecConfig)
+    tokenizer: str = field("", help="RQ-VAE folder, the tokenizer's initial weights: ETEGRec's hard one pre-trained on "
+                                    "the teacher's item embeddings (`megarec train-tokenizer --embeddings`), UniGRec's "
+                                    "soft one from stage 1 on the item text (`--rqvae.quantizer soft`); empty = the "
+                                    "pipeline's tokenizer stage trains it")
     collisions: str = field("dedup", choices=("dedup", "utgrec"),
                             help="collision policy when codes are regenerated: dedup = one more level holding the "
                                  "item's index among identical IDs (the paper, after TIGER); utgrec = move colliding "

@@ -62,8 +62,6 @@ class UniGRecConfig(JointCodesConfig):
 
     teacher: str = field("", help="SASRec item-embedding file (`megarec export-embeddings`), the distillation "
                                   "teacher; empty = the pipeline trains SASRec")
-    tokenizer: str = field("", help="soft RQ-VAE folder from stage 1 (`megarec train-tokenizer --rqvae.quantizer "
-                                    "soft`, text input); empty = the pipeline trains it")
     identifiers: str = field("soft", choices=("soft", "hard"),
                              help="soft: probability-weighted code embeddings into the encoder (Eq. 15); hard: the "
                                   "items' hard codes (the 'hard identifiers' ablation)")
