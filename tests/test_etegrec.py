@@ -277,7 +277,7 @@ TINY = ["--profile", "tiny", "--method", "etegrec", "--train.progress", "false",
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
-    """4 tiny epochs (tokenizer, recommender, tokenizer, recommender) through train_rec.run with
+    """4 tiny epochs (tokenizer, recommender, tokenizer, recommender) through methods.training.run with
     the epoch hooks wrapped to snapshot the model at every epoch start and end."""
     from megarec.methods.etegrec.plugin import ETEGRecMethod
     from megarec.train_rec import parse_args

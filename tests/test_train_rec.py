@@ -52,7 +52,7 @@ def write_codes(path: Path, domains: list[tuple[str, int]], sizes: list[int]) ->
     return path
 
 
-# train_rec.run starts a 1-rank gloo group in this process and leaves it up: DeepSpeed caches its
+# methods.training.run starts a 1-rank gloo group in this process and leaves it up: DeepSpeed caches its
 # groups, so a destroyed group cannot be started again in the same process.
 
 

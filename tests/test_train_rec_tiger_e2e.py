@@ -1,5 +1,5 @@
 """TIGER end to end on a tiny domain: item text -> RQ-VAE codes -> T5 -> beam search -> metrics,
-through ``megarec.train_rec.run_pipeline`` (what quickstart and tools/reproduce.py call)."""
+through ``megarec.methods.training.run_pipeline`` (what quickstart and tools/reproduce.py call)."""
 from __future__ import annotations
 
 import json

@@ -56,7 +56,7 @@ class UTGRecRecConfig:
 
 # --------------------------------------------------------------------------- plug-in
 class UTGRecMethod(TigerMethod):
-    """``method: utgrec`` (plug-in of :mod:`megarec.train_rec`): TIGER's T5 and decoding on UTGRec codes,
+    """``method: utgrec`` (plug-in of :mod:`megarec.methods.training`): TIGER's T5 and decoding on UTGRec codes,
     with the multi-domain pre-training / per-domain fine-tuning pipeline of Sec. 2.4."""
 
     name = "utgrec"
@@ -79,5 +79,5 @@ class UTGRecMethod(TigerMethod):
         if not cfg.data.codes:
             raise ConfigError("method utgrec needs data.codes: the codes file of a UTGRec tokenizer run "
                               "(`megarec/train_tokenizer.py`, RUN/codes.safetensors), or run the whole pipeline "
-                              "(`megarec quickstart` / train_rec.run_pipeline)")
+                              "(`megarec quickstart` / methods.training.run_pipeline)")
         return tiger.prepare(cfg, domains)
