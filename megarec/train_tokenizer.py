@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 from typing import Any, Sequence
 
 import yaml
@@ -36,7 +37,7 @@ def _plugin(config: str | None, overrides: Sequence[tuple[str, str]]):
         from megarec.config import ConfigError
 
         try:
-            name = (yaml.safe_load(open(config)) or {}).get("method")
+            name = (yaml.safe_load(Path(config).read_text()) or {}).get("method")
         except (OSError, yaml.YAMLError) as e:
             raise ConfigError(f"--config {config}: {e}") from e
     return get_tokenizer(name or DEFAULT_SCRIPT_TOKENIZER)
