@@ -4,6 +4,7 @@
 #   sbatch slurm/finetune.sh CONFIG.yaml --init_from runs/<pre-training run>/model [--key value ...]
 #   sbatch --nodes=2 --gpus-per-node=4 --ntasks-per-node=4 --time=12:00:00 -p gpu -A myproj slurm/finetune.sh ...
 #
+# --cpus-per-task: cores per rank for its DataLoader workers (data.num_workers <= cpus - 1).
 # One rank per GPU; CPU ranks (--ntasks-per-node of them) when the allocation has no GPUs.
 # Output in runs/<job name>-<job id>/ (job.log, checkpoints/, model/, tb/, metrics.json).
 # Preemption: SIGUSR1 300 s before the end (change with --signal=B:USR1@<s>) -> checkpoint,
@@ -12,6 +13,7 @@
 #SBATCH --nodes=1
 #SBATCH --gpus-per-node=8
 #SBATCH --ntasks-per-node=8
+#SBATCH --cpus-per-task=10
 #SBATCH --time=12:00:00
 #SBATCH --signal=B:USR1@300
 #SBATCH --requeue

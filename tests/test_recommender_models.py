@@ -57,6 +57,25 @@ def test_encode_histories_right_padded_with_eos():
         v.encode_histories([np.array([3])], tok)
 
 
+@pytest.mark.parametrize("append_eos", [True, False])
+def test_encode_histories_equals_per_row_reference(append_eos):
+    """The vectorised encoding = the obvious per-row one, on ragged histories (empty, longer than
+    max_items), in int64 and in the compact int16 the training sets store."""
+    v = CodeVocab([4, 5, 3])
+    rng = np.random.default_rng(0)
+    tok = v.item_tokens(np.stack([rng.integers(0, k, 50) for k in (4, 5, 3)], 1))
+    hists = [rng.integers(0, 50, n) for n in (0, 1, 7, 3, 12, 0, 5)]
+    ids, mask = v.encode_histories(hists, tok, max_items=6, append_eos=append_eos)
+    rows = [np.concatenate([tok[h[-6:]].reshape(-1), [1] if append_eos else []]).astype(int) for h in hists]
+    width = max(max(len(r) for r in rows), 1)
+    assert ids.dtype == torch.int64 and ids.shape == (len(hists), width)
+    for i, r in enumerate(rows):
+        assert ids[i].tolist() == [*r.tolist(), *[0] * (width - len(r))]
+        assert mask[i].tolist() == [1] * len(r) + [0] * (width - len(r))
+    small, small_mask = v.encode_histories(hists, tok, max_items=6, append_eos=append_eos, dtype=torch.int16)
+    assert small.dtype == torch.int16 and torch.equal(small.long(), ids) and torch.equal(small_mask.long(), mask)
+
+
 def test_scatter_level_probs_places_each_level():
     v = CodeVocab([2, 3])
     p0 = torch.tensor([[0.25, 0.75]], requires_grad=True)

@@ -47,7 +47,7 @@ needs_slurm = pytest.mark.skipif(
 SLURM = REPO / "slurm"
 EPOCHS, BATCH, WORLD = 3, 8, 2
 # sbatch flags that turn the scripts' GPU defaults into one CPU rank on each of the two nodes
-CPU_2NODES = ["-N", "2", "--gpus-per-node=0", "--ntasks-per-node=1"]
+CPU_2NODES = ["-N", "2", "--gpus-per-node=0", "--ntasks-per-node=1", "--cpus-per-task=2"]
 
 
 @pytest.fixture(scope="module")
@@ -221,16 +221,16 @@ def test_one_rank_per_gpu_of_the_allocation(cluster, tmp_path):
     0 and 1, the rendezvous on the first node; GPUs and tasks per node that differ are refused."""
     script = _entry_script(tmp_path, "show_env", "import os, sys\nprint('ENV', *(f'{k}={os.environ.get(k)}' for k in "
                            "('RANK', 'WORLD_SIZE', 'LOCAL_RANK', 'LOCAL_SIZE', 'NODE_RANK', 'MASTER_ADDR', "
-                           "'SLURMD_NODENAME')), 'ARGS', *sys.argv[1:])\n")
+                           "'SLURMD_NODENAME', 'SLURM_CPUS_PER_TASK')), 'ARGS', *sys.argv[1:])\n")
     env = _job_env({"PYTHONPATH": str(tmp_path)})
-    job = cluster.sbatch(["-N", "2", "--gpus-per-node=2", "--ntasks-per-node=2", "-J", "gpus", "-o",
+    job = cluster.sbatch(["-N", "2", "--gpus-per-node=2", "--ntasks-per-node=2", "--cpus-per-task=2", "-J", "gpus", "-o",
                           str(tmp_path / "gpus-%j.out"), str(script), "cfg.yaml", "--train.lr", "0.1"],
                          env=env, cwd=tmp_path)
     run = tmp_path / "runs" / f"gpus-{job}"
     cluster.wait_state(job, {"COMPLETED"}, timeout=120, log=run / "job.log")
     log = (run / "job.log").read_text()
     assert "ranks: 2 nodes x 2 = 4 (one per GPU); rendezvous 127.0.0.1:" in log
-    assert "--gpus-per-node=2" in log and "DS_ACCELERATOR" not in log
+    assert "--gpus-per-node=2" in log and "--cpus-per-task=2" in log and "DS_ACCELERATOR" not in log
     ranks = {}
     for line in log.splitlines():
         if " ENV " in line:
@@ -242,6 +242,7 @@ def test_one_rank_per_gpu_of_the_allocation(cluster, tmp_path):
             for r, f in ranks.items()} == {0: ("4", "0", "2", "0", "n1"), 1: ("4", "1", "2", "0", "n1"),
                                            2: ("4", "0", "2", "1", "n2"), 3: ("4", "1", "2", "1", "n2")}
     assert {f["MASTER_ADDR"] for f in ranks.values()} == {"127.0.0.1"}
+    assert {f["SLURM_CPUS_PER_TASK"] for f in ranks.values()} == {"2"}   # data workers get their cores
     bad = cluster.sbatch(["-N", "2", "--gpus-per-node=2", "--ntasks-per-node=1", "-J", "bad", "-o",
                           str(tmp_path / "bad-%j.out"), str(script), "cfg.yaml"], env=env, cwd=tmp_path)
     info = cluster.wait_state(bad, {"FAILED"}, timeout=120)

@@ -80,7 +80,7 @@ def tiger_run(tmp_path_factory):
 
 
 # --------------------------------------------------------------------------- ds configs
-@pytest.mark.parametrize("name", ["zero2.json", "zero3.json", "zero3_offload.json"])
+@pytest.mark.parametrize("name", ["zero2.json", "zero3.json", "zero3_hpz.json", "zero3_offload.json"])
 def test_ds_configs_resolve_on_cpu(name):
     cfg = resolve_ds_config(REPO / "ds_configs" / name, micro_batch_size=32, lr=3e-3, weight_decay=0.05,
                             accelerator="cpu")

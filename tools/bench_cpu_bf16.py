@@ -2,8 +2,9 @@
 
     python tools/bench_cpu_bf16.py [--quick] [--threads 1] --json bench_cpu_bf16.json
 
-Two T5 sizes (``cpu-small``: 2 + 2 layers, d_model 64, d_ff 256, 4 heads of 16; ``larger``:
-4 + 4 layers, d_model 128, d_ff 512, 4 heads of 32), batches of 256 histories of 20 items x
+T5 sizes (``cpu-small``: 2 + 2 layers, d_model 64, d_ff 256, 4 heads of 16; ``larger``:
+4 + 4 layers, d_model 128, d_ff 512, 4 heads of 32; ``tiger-paper``: 4 + 4 layers, d_model 128,
+d_ff 1024, 6 heads of 64), batches of 256 histories of 20 items x
 4 code tokens (+ EOS), 4-token targets, codebooks of 256 per level. Per size:
 
 - **speed**: forward + backward + AdamW step, fp32 vs ``torch.autocast("cpu", torch.bfloat16)``,
@@ -39,6 +40,8 @@ from megarec.recommender.t5 import GenerativeRecommender, T5RecConfig  # noqa: E
 SIZES = {
     "cpu-small": T5RecConfig(num_layers=2, num_decoder_layers=2, d_model=64, d_ff=256, num_heads=4, d_kv=16),
     "larger": T5RecConfig(num_layers=4, num_decoder_layers=4, d_model=128, d_ff=512, num_heads=4, d_kv=32),
+    # TIGER's paper T5 (Sec. 4.1: 4 + 4 layers, d_model 128, MLP 1024, 6 heads of 64)
+    "tiger-paper": T5RecConfig(num_layers=4, num_decoder_layers=4, d_model=128, d_ff=1024, num_heads=6, d_kv=64),
 }
 
 

@@ -31,7 +31,7 @@ from megarec.data.splits import Samples, Split, leave_one_out
 class CodeSamples:
     """Tokenised (history, target) pairs, global item indices, on the host."""
 
-    input_ids: torch.Tensor      # [n, T] int64: history tokens, EOS, then PAD
+    input_ids: torch.Tensor      # [n, T] int16/int32 (compact_dtype): history tokens, EOS, then PAD
     lengths: np.ndarray          # [n] real tokens per row (incl. EOS)
     labels: torch.Tensor         # [n, L] the target item's tokens
     targets: torch.Tensor        # [n] global item index of the target
@@ -48,11 +48,17 @@ class CodeSamples:
             raise ValueError("empty batch")
         width = int(self.lengths[idx].max())
         t = torch.from_numpy(idx)
-        ids = self.input_ids.index_select(0, t)[:, :width]
+        ids = self.input_ids.index_select(0, t)[:, :width].long()
         out = {"input_ids": ids, "attention_mask": (ids != CodeVocab.PAD).long(),
                "labels": self.labels.index_select(0, t), "targets": self.targets.index_select(0, t),
                "domains": self.domains.index_select(0, t)}
         return {k: v.to(device, non_blocking=True) for k, v in out.items()}
+
+
+def compact_dtype(vocab_size: int) -> torch.dtype:
+    """The smallest integer type holding every token id: host-side token tables of 10^7 samples are then
+    a quarter of their int64 size (:meth:`CodeSamples.batch` hands out int64)."""
+    return torch.int16 if vocab_size <= 2**15 else torch.int32
 
 
 def encode_samples(samples: Samples, vocab: CodeVocab, item_tokens: np.ndarray, *, item_offset: int = 0,
@@ -60,7 +66,8 @@ def encode_samples(samples: Samples, vocab: CodeVocab, item_tokens: np.ndarray, 
     """Tokenise one domain's samples; ``item_tokens`` is the *global* token table, its
     items at ``item_offset + local index``."""
     hist = [np.asarray(h, dtype=np.int64) + item_offset for h in samples.histories]
-    ids, mask = vocab.encode_histories(hist, item_tokens, max_items=max_items, append_eos=True)
+    ids, mask = vocab.encode_histories(hist, item_tokens, max_items=max_items, append_eos=True,
+                                       dtype=compact_dtype(vocab.vocab_size))
     targets = np.asarray(samples.targets, dtype=np.int64) + item_offset
     if len(targets) and (targets.min() < 0 or targets.max() >= len(item_tokens)):
         raise DataError("a target item lies outside the codes table")

@@ -1,0 +1,172 @@
+"""Per-rank memory of a DeepSpeed run before it runs: parameters, gradients, optimiser state, ZeRO-3's
+live-parameter window and activations, for a model at N ranks under a DeepSpeed config.
+
+Accounting (bytes per element; ``c`` = 2 with bf16, 4 in fp32; Adam; ``N`` ranks, ``P`` params, ``T`` of
+them trainable, ``S`` in parameters small enough to stay whole under ZeRO-3, ``H`` the hpZ group size):
+
+==========  ===========================  ============================  ==============================
+stage       parameters                   gradients (trainable)         optimiser (trainable)
+==========  ===========================  ============================  ==============================
+0           ``P c``                      ``T c`` (+ ``4 T`` with bf16) ``8 T`` (+ ``4 T`` master, bf16)
+1           ``P c``                      ``T c``                       ``12 T / N``
+2           ``P c``                      ``4 T / N`` + buckets         ``12 T / N``
+3           ``(P - S) c / N + S c``      ``4 T / N`` + buckets         ``12 T / N``
+            (+ ``(P - S) c / H`` hpZ)
+==========  ===========================  ============================  ==============================
+
+ZeRO-1/2/3 keep their own fp32 partition of the trainable weights even when training in fp32 (the
+flat partitions the optimiser steps on), hence 12 bytes (fp32 master + two moments) per trainable element
+at every ZeRO stage. Frozen parameters (a LoRA base) have neither gradients nor optimiser state but
+are partitioned and gathered like the others under ZeRO-3. Under ZeRO-3 a rank also holds the
+parameters gathered for the modules in flight: at most ``stage3_max_live_parameters``, in practice
+the prefetch bucket plus the two largest modules (the one computing and the next one). Activations
+are the caller's estimate (:func:`transformer_activations`); the host process's own footprint
+(interpreter, libraries, tokenizer, data) is the caller's ``runtime`` figure.
+
+Used by ``tools/bench_scale.py`` beside measured figures, and to choose a ZeRO config for a model.
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from torch import nn
+
+GB = 2 ** 30
+
+
+@dataclass(frozen=True)
+class ParamCounts:
+    """Elements of a model's parameters: trainable, frozen, those ZeRO-3 keeps whole, the biggest modules."""
+    trainable: int
+    frozen: int
+    persistent: int = 0                   # in parameters of <= the persistence threshold elements
+    largest_modules: tuple[int, ...] = ()  # the biggest modules' own parameter elements, largest first
+
+    @property
+    def total(self) -> int:
+        return self.trainable + self.frozen
+
+
+def count_params(model: nn.Module, persistence_threshold: int = 100_000) -> ParamCounts:
+    """:class:`ParamCounts` of ``model``; partitioned (ZeRO-3) parameters count at their full size."""
+    def numel(p: nn.Parameter) -> int:
+        return int(getattr(p, "ds_numel", p.numel()))
+
+    trainable = frozen = persistent = 0
+    seen: set[int] = set()
+    for p in model.parameters():
+        if id(p) in seen:
+            continue
+        seen.add(id(p))
+        n = numel(p)
+        trainable, frozen = (trainable + n, frozen) if p.requires_grad else (trainable, frozen + n)
+        persistent += n if n <= persistence_threshold else 0
+    own = sorted((sum(numel(p) for p in m.parameters(recurse=False)) for m in model.modules()), reverse=True)
+    return ParamCounts(trainable, frozen, persistent, tuple(own[:2]))
+
+
+@dataclass(frozen=True)
+class ZeroSettings:
+    """What of a DeepSpeed config decides memory."""
+    stage: int = 0
+    bf16: bool = False
+    persistence_threshold: int = 100_000
+    max_live_parameters: int = 1_000_000_000
+    prefetch_bucket_size: int = 50_000_000
+    reduce_bucket_size: int = 50_000_000
+    hpz_partition_size: int = 1
+    offload_optimizer: bool = False
+    offload_param: bool = False
+
+    @classmethod
+    def from_ds_config(cls, cfg: dict[str, Any], bf16: bool | None = None) -> "ZeroSettings":
+        """From a DeepSpeed config dict; ``"auto"`` values take the defaults (``bf16``: the argument)."""
+        z = cfg.get("zero_optimization", {}) or {}
+
+        def num(key: str, default: int) -> int:
+            v = z.get(key, default)
+            return default if v == "auto" else int(float(v))
+
+        enabled = (cfg.get("bf16", {}) or {}).get("enabled", False)
+        return cls(stage=int(z.get("stage", 0)), bf16=bool(bf16) if enabled == "auto" else bool(enabled),
+                   persistence_threshold=num("stage3_param_persistence_threshold", 100_000),
+                   max_live_parameters=num("stage3_max_live_parameters", 1_000_000_000),
+                   prefetch_bucket_size=num("stage3_prefetch_bucket_size", 50_000_000),
+                   reduce_bucket_size=num("reduce_bucket_size", 50_000_000),
+                   hpz_partition_size=num("zero_hpz_partition_size", 1),
+                   offload_optimizer=(z.get("offload_optimizer") or {}).get("device", "none") not in ("none", None),
+                   offload_param=(z.get("offload_param") or {}).get("device", "none") not in ("none", None))
+
+
+@dataclass
+class MemoryEstimate:
+    """Bytes per rank on the training device; ``offloaded`` is what the offload options move to the host."""
+    params: float
+    grads: float
+    optimizer: float
+    live: float
+    activations: float = 0.0
+    runtime: float = 0.0
+    offloaded: float = 0.0
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def total(self) -> float:
+        return self.params + self.grads + self.optimizer + self.live + self.activations + self.runtime
+
+    def gb(self) -> dict[str, float]:
+        out = {k: round(v / GB, 3) for k, v in asdict(self).items() if isinstance(v, float)}
+        out["total"] = round(self.total / GB, 3)
+        return out
+
+
+def predict(counts: ParamCounts, zero: ZeroSettings, world: int, *, activations: float = 0.0,
+            runtime: float = 0.0) -> MemoryEstimate:
+    """Per-rank bytes of ``counts`` trained with AdamW under ``zero`` at ``world`` ranks (module docstring)."""
+    if world < 1:
+        raise ValueError(f"world must be >= 1, got {world}")
+    if zero.stage not in (0, 1, 2, 3):
+        raise ValueError(f"ZeRO stage must be 0-3, got {zero.stage}")
+    c = 2 if zero.bf16 else 4
+    P, T, S = counts.total, counts.trainable, counts.persistent
+    notes: list[str] = []
+    if zero.stage == 3:
+        params = (P - S) * c / world + S * c
+        if zero.hpz_partition_size > 1:
+            params += (P - S) * c / zero.hpz_partition_size
+            notes.append(f"hpZ: a secondary copy partitioned over {zero.hpz_partition_size} ranks")
+        window = zero.prefetch_bucket_size + sum(counts.largest_modules[:2])
+        live = min(zero.max_live_parameters, window) * c if world > 1 else 0.0
+    else:
+        params, live = P * c, 0.0
+    if zero.stage <= 1:
+        grads = T * c + (4 * T if zero.bf16 and zero.stage == 0 else 0)
+    else:
+        grads = 4 * T / world + 2 * zero.reduce_bucket_size * c
+    if zero.stage == 0:
+        optimizer = 8 * T + (4 * T if zero.bf16 else 0)
+    else:
+        optimizer = 12 * T / world
+    offloaded = 0.0
+    if zero.offload_optimizer and zero.stage >= 1:
+        offloaded += optimizer
+        optimizer = 0.0
+    if zero.offload_param and zero.stage == 3:
+        offloaded += params - S * c
+        params = S * c
+    return MemoryEstimate(params, float(grads), float(optimizer), float(live), float(activations), float(runtime),
+                          offloaded, notes)
+
+
+def transformer_activations(layers: int, tokens: int, hidden: int, heads: int, *, seq: int, bytes_per: int = 2,
+                            checkpointing: bool = False, ffn_ratio: float = 4.0) -> float:
+    """Activation bytes a transformer stack keeps for its backward (Korthikanti et al. 2022, Eq. 2: per layer
+    ``s b h (34 + 5 a s / h)`` at 2 bytes, the MLP term scaled to ``ffn_ratio``). ``tokens`` = sequences x
+    ``seq`` (the batch's tokens). With gradient checkpointing: each layer's input, plus one layer's full
+    activations while it is recomputed."""
+    mlp = 3 + 4 * ffn_ratio               # of the 34, the MLP's 19: input 2, two r*h outputs 2r each, mask 1
+    per_layer = tokens * hidden * (15 + mlp + 5 * heads * seq / hidden) * bytes_per / 2
+    if checkpointing:
+        return layers * tokens * hidden * bytes_per + per_layer
+    return layers * per_layer

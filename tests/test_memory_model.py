@@ -1,0 +1,83 @@
+"""The per-rank memory model (megarec.engine.memory_model): counts, the ZeRO stage table, the shipped configs."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+from megarec.engine.memory_model import (GB, ParamCounts, ZeroSettings, count_params, predict,
+                                         transformer_activations)
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_count_params_splits_trainable_frozen_persistent_and_largest():
+    model = nn.Sequential(nn.Linear(100, 200), nn.Linear(200, 10), nn.Embedding(1000, 100))
+    model[0].requires_grad_(False)
+    model[2].weight.requires_grad_(False)
+    model.append(model[1])                       # a shared module counts once
+    c = count_params(model, persistence_threshold=2010)
+    assert c.frozen == 100 * 200 + 200 + 1000 * 100
+    assert c.trainable == 200 * 10 + 10
+    assert c.persistent == 200 + 200 * 10 + 10   # elements in parameters of <= 2010 elements
+    assert c.largest_modules == (100_000, 20_200)
+
+
+def test_predict_follows_the_stage_table():
+    """1e9 params, 1e8 trainable, 1e6 persistent, 8 ranks, bf16: each stage's figures by hand."""
+    counts = ParamCounts(trainable=100_000_000, frozen=900_000_000, persistent=1_000_000,
+                         largest_modules=(200_000_000, 50_000_000))
+    z = dict(bf16=True, reduce_bucket_size=10_000_000, prefetch_bucket_size=20_000_000)
+    s0 = predict(counts, ZeroSettings(stage=0, **z), 8)
+    assert (s0.params, s0.grads, s0.optimizer, s0.live) == (2e9, 2e8 + 4e8, 12e8, 0.0)
+    s1 = predict(counts, ZeroSettings(stage=1, **z), 8)
+    assert (s1.params, s1.grads, s1.optimizer) == (2e9, 2e8, 12e8 / 8)
+    s2 = predict(counts, ZeroSettings(stage=2, **z), 8)
+    assert (s2.params, s2.grads, s2.optimizer) == (2e9, 4e8 / 8 + 2 * 1e7 * 2, 12e8 / 8)
+    s3 = predict(counts, ZeroSettings(stage=3, **z), 8)
+    assert s3.params == pytest.approx(999e6 * 2 / 8 + 1e6 * 2)
+    assert s3.live == (20e6 + 250e6) * 2 and s3.grads == s2.grads and s3.optimizer == s2.optimizer
+    capped = predict(counts, ZeroSettings(stage=3, max_live_parameters=100_000_000, **z), 8)
+    assert capped.live == 1e8 * 2
+    hpz = predict(counts, ZeroSettings(stage=3, hpz_partition_size=4, **z), 8)
+    assert hpz.params == pytest.approx(s3.params + 999e6 * 2 / 4) and hpz.notes
+    off = predict(counts, ZeroSettings(stage=3, offload_optimizer=True, offload_param=True, **z), 8)
+    assert off.optimizer == 0 and off.params == 1e6 * 2 and off.offloaded == pytest.approx(12e8 / 8 + 999e6 * 2 / 8)
+    fp32 = predict(counts, ZeroSettings(stage=3), 1)
+    assert fp32.params == pytest.approx(1e9 * 4) and fp32.live == 0.0   # one rank gathers nothing
+    assert s3.total == s3.params + s3.grads + s3.optimizer + s3.live
+    assert set(s3.gb()) >= {"params", "grads", "optimizer", "live", "total"}
+    with pytest.raises(ValueError, match="world"):
+        predict(counts, ZeroSettings(), 0)
+
+
+@pytest.mark.parametrize("path", sorted((REPO / "ds_configs").glob("*.json")), ids=lambda p: p.name)
+def test_shipped_configs_parse(path):
+    z = ZeroSettings.from_ds_config(json.loads(path.read_text()), bf16=True)
+    assert z.stage in (2, 3) and z.bf16
+    if "hpz" in path.name:
+        assert z.stage == 3 and z.hpz_partition_size == 8
+    if "offload" in path.name:
+        assert z.offload_optimizer
+
+
+def test_transformer_activations_reference():
+    """Korthikanti et al. (2022) Eq. 2 at the standard MLP ratio: s b h (34 + 5 a s / h) bytes per layer."""
+    s, b, h, a, layers = 512, 4, 1024, 16, 3
+    full = transformer_activations(layers, s * b, h, a, seq=s)
+    assert full == pytest.approx(layers * s * b * h * (34 + 5 * a * s / h))
+    ckpt = transformer_activations(layers, s * b, h, a, seq=s, checkpointing=True)
+    assert ckpt == pytest.approx(layers * s * b * h * 2 + full / layers)
+    assert transformer_activations(1, s * b, h, a, seq=s, bytes_per=4) == pytest.approx(2 * full / layers)
+
+
+def test_count_params_reads_partitioned_sizes():
+    """Under ZeRO-3 a parameter's tensor is a shard; ``ds_numel`` is its full size."""
+    lin = nn.Linear(10, 10)
+    lin.weight.data = torch.zeros(5)
+    lin.weight.ds_numel = 100
+    assert count_params(lin).total == 110
+    assert GB == 2 ** 30

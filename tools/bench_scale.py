@@ -1,0 +1,101 @@
+"""Paper scale, rehearsed on this machine: the 2B UTGRec tokenizer under ZeRO-3 and a 10^5-item catalogue.
+
+    python tools/bench_scale.py [--quick] [--parts catalogue,tokenizer] --json FILE [--work DIR]
+
+Two parts (both run on a 2-core, 24 GB CPU machine; ``--quick``: reduced sizes, under 10 minutes):
+
+- **catalogue** (``tools/scale_catalogue.py``): a synthetic raw Amazon-2023 set of the UTGRec
+  pre-training size (1M users, 344k items, 8.6M interactions; quick: 150k / 50k / 1.25M) through
+  reading + 5-core, splits, an RQ-VAE, code assignment with collision resolution, the code-sequence
+  dataset, the trie, the paper-size T5 for a fixed number of steps, beam search and full-ranking
+  evaluation on a 10k-user sample. Keys ``catalogue.<stage>.s`` / ``catalogue.<stage>.gb``.
+- **tokenizer** (``tools/scale_tokenizer.py``): Qwen2-VL-2B's exact configuration (``random_init``)
+  through ``train_tokenizer.py`` at 1 and 2 CPU ranks under ZeRO-3, per-rank host memory beside
+  :mod:`megarec.engine.memory_model`'s prediction.
+
+Prints one table per part and writes every figure to ``--json``.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+PARTS = ("catalogue", "tokenizer")
+
+
+def cpu_summary() -> dict[str, object]:
+    flags: list[str] = []
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+        flags = next((ln.split(":", 1)[1].split() for ln in text.splitlines() if ln.startswith("flags")), [])
+        model = next((ln.split(":", 1)[1].strip() for ln in text.splitlines() if ln.startswith("model name")), "")
+    except OSError:
+        model = platform.processor()
+    import os
+
+    return {"model": model, "cores": os.cpu_count(), "avx512_bf16": "avx512_bf16" in flags,
+            "amx": any(f.startswith("amx") for f in flags)}
+
+
+def catalogue_table(res: dict) -> str:
+    rows = ["| stage | seconds | peak host GB | notes |", "|---|---|---|---|"]
+    for name, info in res.items():
+        if not isinstance(info, dict) or "s" not in info:
+            continue
+        notes = ", ".join(f"{k} {v}" for k, v in info.items() if k not in ("s", "gb"))
+        rows.append(f"| {name} | {info['s']:.1f} | {info['gb']:.2f} | {notes} |")
+    return "\n".join(rows)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true", help="reduced sizes (the test that guards this script)")
+    ap.add_argument("--parts", default=",".join(PARTS), help=f"comma-separated subset of {PARTS}")
+    ap.add_argument("--json", default="", help="write the results here")
+    ap.add_argument("--work", default="", help="scratch folder (default: a temporary one, removed)")
+    ap.add_argument("--threads", type=int, default=1, help="torch threads of the catalogue part")
+    ap.add_argument("--rqvae-epochs", type=int, default=2)
+    ap.add_argument("--t5-steps", type=int, default=10)
+    args = ap.parse_args(argv)
+    parts = [p for p in args.parts.split(",") if p]
+    unknown = [p for p in parts if p not in PARTS]
+    if unknown:
+        ap.error(f"--parts: unknown {unknown}; choose from {PARTS}")
+    import torch
+
+    torch.set_num_threads(args.threads)
+    out: dict = {"quick": args.quick, "cpu": cpu_summary(), "torch_threads": args.threads}
+    t0 = time.time()
+    with tempfile.TemporaryDirectory(dir=args.work or None) as tmp:
+        work = Path(args.work) if args.work else Path(tmp)
+        if "catalogue" in parts:
+            import scale_catalogue
+
+            sizes = scale_catalogue.QUICK if args.quick else scale_catalogue.PAPER
+            print(f"catalogue: {sizes}", flush=True)
+            res = scale_catalogue.run(work / "catalogue", sizes, rqvae_epochs=args.rqvae_epochs,
+                                      t5_steps=3 if args.quick else args.t5_steps,
+                                      eval_users=2000 if args.quick else 10_000)
+            out["catalogue"] = res
+            print(catalogue_table(res))
+        if "tokenizer" in parts:
+            import scale_tokenizer
+
+            out["tokenizer"] = scale_tokenizer.run(work / "tokenizer", quick=args.quick)
+            print(scale_tokenizer.table(out["tokenizer"]))
+    out["wall_s"] = round(time.time() - t0, 1)
+    if args.json:
+        Path(args.json).write_text(json.dumps(out, indent=2))
+    return out
+
+
+if __name__ == "__main__":
+    main()
