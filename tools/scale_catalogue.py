@@ -137,7 +137,7 @@ def clustered_embeddings(n: int, dim: int = 384, clusters: int = 2000, seed: int
     g = torch.Generator().manual_seed(seed)
     centres = torch.nn.functional.normalize(torch.randn(clusters, dim, generator=g), dim=1)
     which = torch.randint(0, clusters, (n,), generator=g)
-    x = centres[which] + 0.35 * torch.randn(n, dim, generator=g) / dim ** 0.5
+    x = centres[which] + 0.8 * torch.randn(n, dim, generator=g) / dim ** 0.5   # items of a cluster differ
     return torch.nn.functional.normalize(x, dim=1)
 
 
@@ -156,7 +156,7 @@ def run(work: Path, sizes: dict[str, int], *, rqvae_epochs: int = 2, t5_steps: i
     from megarec.recommender.sasrec import SASRec, SASRecConfig, pad_histories
     from megarec.recommender.t5 import GenerativeRecommender, T5RecConfig
     from megarec.recommender.trie import ItemTrie
-    from megarec.tokenizer.assign import assign_catalogue
+    from megarec.tokenizer.assign import CollisionError, assign_catalogue
     from megarec.tokenizer.train import train_rqvae
 
     torch.manual_seed(seed)
@@ -191,9 +191,12 @@ def run(work: Path, sizes: dict[str, int], *, rqvae_epochs: int = 2, t5_steps: i
                 info.update(collisions_before=round(codes.stats["collision_rate_before"], 4),
                             dedup_size=int(codes.codebook_sizes[-1]))
             with stage("assign_utgrec", results, meter) as info:
-                ucodes = assign_catalogue(rq, x, keys, "utgrec")
-                info.update(collisions_after=round(ucodes.stats["collision_rate_after"], 6))
-        del ucodes, x
+                try:
+                    ucodes = assign_catalogue(rq, x, keys, "utgrec")
+                    info.update(collisions_after=round(ucodes.stats["collision_rate_after"], 6))
+                except CollisionError as e:   # a prefix group larger than the last codebook: reported as is
+                    info["error"] = str(e).split(";")[0]
+        del x
         with stage("code_sequences", results, meter) as info:
             data = CodeSequenceData([domain], codes)
             info.update(train_rows=len(data.train), tokens=int(data.train.lengths.sum()))
