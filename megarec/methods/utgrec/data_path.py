@@ -68,7 +68,10 @@ def resolve_latents(cfg: "TrainTokenizerConfig", latents: Any, lookup: "ItemLook
     d = cfg.utgrec.decoder
     if not isinstance(latents, ImageLatents) or not d.cache_latents:
         return latents
+    from megarec.distributed import barrier
+
     path = default_cache_path(cfg.data.shards, d.vae_path, d.vae_image_size, d.latent_patch)
+    barrier()   # every rank looks for the file before any could start writing it
     if path.is_file():
         check_latent_cache(path, d.vae_path, d.vae_image_size, d.latent_patch)
         log.info("image targets: cached VAE latents %s", path)
