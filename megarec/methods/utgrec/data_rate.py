@@ -6,7 +6,7 @@ the encoder's and, without a cache, the VAE's size, the Qwen2-VL image processor
 cached latent rows) without building the model: only the tokenizer and image processor are loaded. An item
 is an anchor or a positive (a batch of B anchors is 2B items). Cheap to import; nothing runs on import.
 
-    python -m megarec.methods.utgrec.data_rate CONFIG.yaml [--workers 4] [--seconds 20] [--key value ...]
+    python -m megarec.methods.utgrec.data_rate [--config CONFIG.yaml] [--workers 4] [--seconds 20] [--key value ...]
 """
 from __future__ import annotations
 
@@ -79,7 +79,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     p = argparse.ArgumentParser(prog="python -m megarec.methods.utgrec.data_rate",
                                 description=__doc__.split("\n\n")[0])
-    p.add_argument("config", nargs="?", default=None, help="tokenizer run config YAML")
+    p.add_argument("--config", default=None, help="tokenizer run config YAML")
     p.add_argument("--workers", type=int, default=0)
     p.add_argument("--seconds", type=float, default=10.0)
     a, rest = p.parse_known_args(argv)
