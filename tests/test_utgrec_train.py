@@ -224,6 +224,9 @@ def test_presets_load(name):
     if name != "cpu":
         assert (cfg.utgrec.codebook.root_size, cfg.utgrec.codebook.leaf_size, cfg.train.batch_size) == (256, 512, 16)
         assert cfg.train.finetune == (name == "finetune")
+        assert cfg.data.num_workers >= 4 and cfg.utgrec.decoder.cache_latents   # the data path keeps up
+    else:
+        assert cfg.data.num_workers == 0
 
 
 def test_precomputed_latents_replace_the_vae(env):

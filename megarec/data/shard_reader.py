@@ -205,6 +205,11 @@ class ShardDataset(IterableDataset):
             decodes at full size before resizing (slower, for comparison).
         image_transform: applied to each decoded image (in the worker): the PIL image, or the
             uint8 tensor with ``image_size``.
+        unit_transform: ``f(unit, epoch, index) -> unit``, applied to every yielded unit (batch, or
+            sample without ``batch_size``) in the reading process (the DataLoader worker), after
+            ``collate_fn``; ``index`` is the unit's position in this rank's epoch (what the
+            DataLoader yields it as, 0-based), the same with and without workers and after a
+            resume. For work that should leave the main process (model-input preparation).
 
     Iterated in this process, one pass yields the current epoch from the
     current position and then moves on to the next epoch. Through a plain
@@ -219,7 +224,8 @@ class ShardDataset(IterableDataset):
                  buffer_size: int = 1000, rank: int | None = None, world_size: int | None = None,
                  num_workers: int = 0, uneven: str = "pad", on_bad_sample: str = "skip",
                  load_images: bool = True, image_size: int | tuple[int, int] | None = None,
-                 image_draft: bool = True, image_transform: Callable[[Any], Any] | None = None) -> None:
+                 image_draft: bool = True, image_transform: Callable[[Any], Any] | None = None,
+                 unit_transform: Callable[[Any, int, int], Any] | None = None) -> None:
         super().__init__()
         if on_bad_sample not in ON_BAD_SAMPLE:
             raise ValueError(f"on_bad_sample must be one of {ON_BAD_SAMPLE}, got {on_bad_sample!r}")
@@ -241,6 +247,7 @@ class ShardDataset(IterableDataset):
         self.shuffle, self.seed, self.buffer_size = shuffle, seed, buffer_size
         self.uneven, self.on_bad_sample = uneven, on_bad_sample
         self.load_images, self.image_transform = load_images, image_transform
+        self.unit_transform = unit_transform
         self.image_size = None if image_size is None else image_hw(image_size)
         self.image_draft = image_draft
         self.stored_image_size = _stored_size(self.manifest)
@@ -315,7 +322,10 @@ class ShardDataset(IterableDataset):
         self._bad_at_start = self.bad_samples
         samples = self._decoded(stream, skip, f"epoch {self.epoch} rank {self.rank} worker {worker}")
         units = samples if self.batch_size is None else self._batches(samples)
-        for unit in units:
+        start, epoch = self.consumed, self.epoch
+        for k, unit in enumerate(units):
+            if self.unit_transform is not None:   # this unit is the DataLoader's (start + k*workers + worker)-th
+                unit = self.unit_transform(unit, epoch, start + k * workers + worker)
             if info is None:
                 self.consumed += 1
             yield unit

@@ -1,7 +1,7 @@
 """UTGRec tokenizer batches and catalogue passes for ``megarec/train_tokenizer.py``.
 
-:class:`Batcher` turns shard batches into model inputs (anchor + co-occurring positive,
-encoder prompts, text targets, VAE latents); :func:`encode_catalogue` encodes a set of items
+:class:`Batcher` moves the model inputs that the DataLoader workers prepared (anchor + co-occurring
+positive, encoder prompts, text targets, VAE latents: :mod:`.data_path`) to the device; :func:`encode_catalogue` encodes a set of items
 on every rank (ZeRO-3: same number of encoder passes everywhere); :func:`export_codes` assigns
 the catalogue's codes over the merged catalogue; :func:`codebook_stats` summarises code counts.
 """
@@ -20,15 +20,21 @@ if TYPE_CHECKING:
 
 
 class Batcher:
-    """Shard batches -> model inputs: co-occurring positives, encoder prompts, text targets, VAE latents."""
+    """Shard batches -> model inputs on the device: anchor + co-occurring positive, encoder prompts, text targets,
+    VAE latents. Batches prepared in the DataLoader workers (:class:`~.data_path.TrainBatchMaker`) are only
+    moved to the device (and through the VAE when latents are not cached); raw shard batches are prepared here
+    first, by the same maker."""
 
     def __init__(self, cfg: "TrainTokenizerConfig", module, latents, lookup, device: torch.device) -> None:
+        from megarec.methods.utgrec.data_path import TrainBatchMaker
+
         self.cfg, self.module, self.latents, self.lookup, self.device = cfg, module, latents, lookup, device
         u = cfg.utgrec
         self.qwen = u.encoder.backend == "qwen2vl"
         self.cache = latents if isinstance(latents, LatentCache) else None
-        self.load_images = self.qwen or (latents is not None and self.cache is None)
-        self.image_size = u.encoder.image_size if self.qwen else u.decoder.vae_image_size
+        self.maker = TrainBatchMaker.for_config(cfg, module.encoder.preparer(), lookup, latents, rank=0)
+        self.load_images = self.qwen
+        self.image_size = self.maker.preparer.side
         self.bad_images = 0
 
     def _image(self, i: int) -> torch.Tensor | None:
@@ -42,31 +48,22 @@ class Batcher:
             self.bad_images += 1
             return None
 
-    def items(self, keys: list[str], texts: list[str], images: list[torch.Tensor | None]
-              ) -> tuple[dict, torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor]:
-        enc = self.module.encoder.prepare(texts, images if self.qwen else [None] * len(texts))
-        ids, mask = self.module.encoder.text_targets(texts, self.cfg.utgrec.decoder.max_text_tokens)
-        has = torch.tensor([im is not None for im in images], dtype=torch.bool)
-        lat = None
-        if self.cache is not None:
-            lat, has = self.cache.get(keys)
-            lat = lat.to(self.device)
-        elif self.latents is not None:
-            lat = torch.zeros(len(texts), self.latents.num_tokens, self.latents.token_dim, device=self.device)
-            if has.any():
-                pics = torch.stack([im for im in images if im is not None]).to(self.device)
-                lat[has.to(self.device)] = self.latents(pics)
-        to = lambda t: t.to(self.device)  # noqa: E731
-        return {k: to(v) for k, v in enc.items()}, to(ids), to(mask), lat, to(has)
-
     def train_batch(self, batch: dict, step: int, rank: int):
-        rng = np.random.default_rng([self.cfg.train.seed, step, rank])
-        pos = [self.lookup.sample_positive(k, rng) for k in batch["key"]]
-        keys = list(batch["key"]) + [self.lookup.keys[i] for i in pos]
-        texts = [self.lookup.text(self.lookup.position(k)) for k in keys]
-        imgs = batch["image"]
-        anchors = [None if not self.load_images or not h else imgs[j] for j, h in enumerate(batch["has_image"])]
-        return self.items(keys, texts, anchors + [self._image(i) for i in pos])
+        """``(encoder inputs, text ids, text mask, latents or None, has_image)`` on the device for B anchors
+        followed by their B positives."""
+        if not batch.get("prepared"):   # a raw shard batch: positives drawn by (seed, step, rank), as in a worker
+            self.maker.rank = rank
+            batch = self.maker(batch, 0, step)
+        self.bad_images += batch["bad_images"]
+        to = lambda t: t.to(self.device, non_blocking=True)  # noqa: E731
+        has, lat = to(batch["has"]), batch["latents"]
+        if lat is not None:
+            lat = to(lat)
+        elif batch["vae_images"] is not None:   # decoder.cache_latents false: the VAE runs here, every step
+            lat = torch.zeros(len(has), self.latents.num_tokens, self.latents.token_dim, device=self.device)
+            if bool(batch["has"].any()):
+                lat[has] = self.latents(to(batch["vae_images"][batch["has"]]))
+        return {k: to(v) for k, v in batch["enc"].items()}, to(batch["ids"]), to(batch["mask"]), lat, has
 
     def encode_inputs(self, positions: Sequence[int]) -> dict:
         texts = [self.lookup.text(i) for i in positions]

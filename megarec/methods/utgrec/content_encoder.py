@@ -24,7 +24,6 @@ from __future__ import annotations
 import re
 from typing import Any, Sequence
 
-import numpy as np
 import torch
 from torch import nn
 
@@ -86,14 +85,7 @@ class ContentEncoder(nn.Module):
 
     def text_targets(self, texts: Sequence[str], max_tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Token ids ``[B, T]`` of each item text (no special tokens, at most ``max_tokens``) and their mask."""
-        ids = self.tokenizer(list(texts), add_special_tokens=False, truncation=True, max_length=max_tokens)["input_ids"]
-        T = max(1, max(len(x) for x in ids))
-        out = torch.zeros(len(ids), T, dtype=torch.long)
-        mask = torch.zeros(len(ids), T, dtype=torch.bool)
-        for i, x in enumerate(ids):
-            out[i, :len(x)] = torch.tensor(x, dtype=torch.long)
-            mask[i, :len(x)] = True
-        return out, mask
+        return self.preparer().text_targets(texts, max_tokens)
 
     def code_states(self, hidden: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:
         """``H [B, L, d]``: ``hidden`` at the positions of ``<CODE_1>..<CODE_L>`` (once each per row)."""
@@ -146,27 +138,17 @@ class QwenVLEncoder(ContentEncoder):
     def hidden_size(self) -> int:
         return int(self.model.get_base_model().config.text_config.hidden_size)
 
+    def preparer(self):
+        """The picklable :class:`~.item_inputs.ItemPreparer` of this encoder (tokenizer + image processor at
+        ``image_size``), for DataLoader workers."""
+        from megarec.methods.utgrec.item_inputs import ItemPreparer
+
+        return ItemPreparer(self.tokenizer, self.num_codes, self.max_text_tokens, self.image_processor, self.image_size)
+
     def prepare(self, texts: Sequence[str], images: Sequence[torch.Tensor | None]) -> dict[str, torch.Tensor]:
-        """Prompts (image variant where an image is given) -> input ids, mask, pixel values, image grids."""
-        texts = self._truncate(texts)
-        codes = "".join(code_tokens(self.num_codes))
-        prompts, pics = [], []
-        for text, im in zip(texts, images):
-            if im is None:
-                prompts.append(TEXT_PROMPT.format(text=text, L=self.num_codes, codes=codes))
-            else:
-                prompts.append(IMAGE_PROMPT.format(text=text, L=self.num_codes, codes=codes, image="<IMAGE>"))
-                pics.append(np.ascontiguousarray(im.permute(1, 2, 0).numpy()) if isinstance(im, torch.Tensor) else im)
-        out: dict[str, torch.Tensor] = {}
-        if pics:
-            vis = self.image_processor(images=pics, return_tensors="pt")
-            grids = vis["image_grid_thw"]
-            out["pixel_values"], out["image_grid_thw"] = vis["pixel_values"], grids
-            pads = iter(int(g.prod()) // self.merge ** 2 for g in grids)
-            prompts = [p.replace("<IMAGE>", "<|image_pad|>" * next(pads)) if "<IMAGE>" in p else p for p in prompts]
-        enc = self.tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False)
-        out["input_ids"], out["attention_mask"] = enc["input_ids"], enc["attention_mask"]
-        return out
+        """Prompts (image variant where an image is given) -> input ids, mask, pixel values, image grids; images
+        at ``image_size`` rounded to a multiple of 28 (:mod:`~.item_inputs`)."""
+        return self.preparer().encoder_inputs(texts, images)
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, pixel_values: torch.Tensor | None = None,
                 image_grid_thw: torch.Tensor | None = None) -> torch.Tensor:
@@ -220,11 +202,15 @@ class TextEncoder(ContentEncoder):
     def hidden_size(self) -> int:
         return int(self.model.get_base_model().config.hidden_size)
 
+    def preparer(self):
+        """The picklable :class:`~.item_inputs.ItemPreparer` of this encoder (its tokenizer), for DataLoader
+        workers."""
+        from megarec.methods.utgrec.item_inputs import ItemPreparer
+
+        return ItemPreparer(self.tokenizer, self.num_codes, self.max_text_tokens)
+
     def prepare(self, texts: Sequence[str], images: Sequence[Any] | None = None) -> dict[str, torch.Tensor]:
-        codes = "".join(code_tokens(self.num_codes))
-        enc = self.tokenizer(self._truncate(texts), [codes] * len(texts), return_tensors="pt", padding=True,
-                             truncation="only_first", max_length=self.max_text_tokens + self.num_codes + 4)
-        return {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"]}
+        return self.preparer().encoder_inputs(texts, None)
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         hidden = self.model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state

@@ -3,7 +3,9 @@
 The shards stream items in a shuffled order; the positive ``i+`` of an anchor (Sec. 2.3.2)
 is any item, so its content is looked up here: every item's metadata (text, positives,
 domain) is read once into memory by walking the tar headers (image data is not read), and
-an image is read on demand from its recorded byte range and decoded at the model's size.
+images are read on demand from their recorded byte ranges: a batch's images at once
+(:meth:`ItemLookup.image_bytes`: grouped by shard, in offset order, one open per shard),
+decoded at the model's size.
 Positives in the shards come from the training split only (``megarec build-shards``).
 """
 from __future__ import annotations
@@ -93,19 +95,37 @@ class ItemLookup:
     def has_image(self, i: int) -> bool:
         return self._images[i] is not None
 
-    def image(self, i: int, size: int) -> torch.Tensor | None:
-        """The item's image as a ``(3, size, size)`` uint8 tensor, or ``None`` when it has none."""
-        loc = self._images[i]
-        if loc is None:
-            return None
-        si, o, n = loc
-        with open(self._shards[si], "rb") as f:
-            f.seek(o)
-            data = f.read(n)
+    def image_bytes(self, positions: Sequence[int]) -> list[bytes | None]:
+        """The stored image bytes of each item (``None`` without an image), read in one pass per shard: the
+        batch's byte ranges are grouped by shard file and read in offset order, one open per shard."""
+        out: list[bytes | None] = [None] * len(positions)
+        by_shard: dict[int, list[tuple[int, int, int]]] = {}
+        for j, i in enumerate(positions):
+            loc = self._images[i]
+            if loc is not None:
+                by_shard.setdefault(loc[0], []).append((loc[1], loc[2], j))
+        for si in sorted(by_shard):
+            with open(self._shards[si], "rb") as f:
+                for o, n, j in sorted(by_shard[si]):
+                    f.seek(o)
+                    out[j] = f.read(n)
+        return out
+
+    def decode(self, i: int, data: bytes, size: int | tuple[int, int]) -> torch.Tensor:
+        """Item ``i``'s image ``data`` as a ``(3, size, size)`` uint8 tensor; :class:`DataError` if undecodable."""
         try:
             return load_image(data, size)
         except Exception as e:  # PIL raises many types
+            si = self._images[i][0] if self._images[i] else 0
             raise DataError(f"{self._shards[si]}: image of {self.keys[i]!r} is undecodable ({e})") from None
+
+    def image(self, i: int, size: int) -> torch.Tensor | None:
+        """The item's image as a ``(3, size, size)`` uint8 tensor, or ``None`` when it has none."""
+        data = self.image_bytes([i])[0]
+        return None if data is None else self.decode(i, data, size)
+
+    def num_images(self) -> int:
+        return sum(loc is not None for loc in self._images)
 
     def sample_positive(self, key: str, rng: np.random.Generator) -> int:
         """Position of a co-occurring item of ``key`` drawn uniformly; the item itself when it has none."""

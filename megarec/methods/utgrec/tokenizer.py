@@ -41,7 +41,9 @@ class EncoderConfig:
                                               "(empty: every linear layer of the language model / text encoder)")
     train_vision: bool = field(False, help="also train the vision tower (frozen by default)")
     max_text_tokens: int = field(256, min=8, help="item-text tokens in the encoder prompt")
-    image_size: int = field(224, min=28, help="images are read from the shards at this size (square)")
+    image_size: int = field(224, min=28, help="the encoder's square image side, rounded to a multiple of 28 "
+                                              "(Qwen2-VL: (side/28)^2 visual tokens; 224 -> 64); images are read "
+                                              "at it from the shards")
     gradient_checkpointing: str = field("auto", choices=("auto", "on", "off"), help="auto: on for GPU runs")
 
 
@@ -66,7 +68,11 @@ class DecoderConfig:
     vae_path: str = field("", help="diffusers AutoencoderKL folder for image latents (empty = no image loss)")
     latents_file: str = field("", help="precomputed VAE latents (python -m megarec.methods.utgrec.latent_cache); "
                                        "replaces vae_path: no VAE runs during training")
-    vae_image_size: int = field(256, min=8, help="images are resized to this square size for the VAE")
+    vae_image_size: int = field(256, min=8, help="the VAE's square image size, read from the stored image (not from "
+                                                 "the encoder's)")
+    cache_latents: bool = field(True, help="with vae_path: encode the catalogue's images once before training "
+                                           "(every rank a slice) into SHARDS/latents-<vae hash>-<size>px-p<patch>"
+                                           ".safetensors and read those rows; false: run the VAE every step")
     latent_patch: int = field(2, min=1, help="latent tokens are p x p patches of the VAE latent")
     diffusion_width: int = field(512, min=8)
     diffusion_depth: int = field(3, min=1)

@@ -14,7 +14,10 @@ class TokDataConfig:
     shards: str = field("", help="item shard folder (`megarec build-shards`; several domains = multi-domain)")
     text_fields: list[str] | None = field(None, help="item text fields joined into the item text (none = all)")
     on_bad_sample: str = field("skip", choices=("skip", "fail"), help="corrupt sample or undecodable image")
-    num_workers: int = field(0, min=0, help="DataLoader workers per rank")
+    num_workers: int = field(0, min=0, help="DataLoader workers per rank: they decode anchors and positives, run the "
+                                            "image processor and tokenizer and read cached latents (0 = the "
+                                            "main process; GPU runs: 4-8)")
+    prefetch_factor: int = field(4, min=1, help="batches each worker prepares ahead (with num_workers > 0)")
     shuffle_buffer: int = field(1000, min=1)
     heldout_items: int = field(512, min=0, help="items whose codes give the logged collision rate (0 = none)")
 

@@ -54,13 +54,13 @@ def _check(cfg: TrainTokenizerConfig, run_dir: Path) -> None:
 
 def run(cfg: TrainTokenizerConfig) -> dict[str, Any]:
     """Train (if any steps), export weights and codes; returns the content of ``metrics.json`` (every rank)."""
-    from megarec.data.shards import ShardDataset, ShardLoader
     from megarec.distributed import barrier, get_logger, get_rank, get_world_size, is_main_process
     from megarec.engine.checkpoint import MODEL_FILE, export_safetensors, load_state_dict_into, read_weights, write_json
     from megarec.engine.deepspeed_setup import (WarmupCosine, accelerator_name, build_engine, device,
                                                 init_distributed, resolve_ds_config, seed_everything,
                                                 set_cpu_threads)
     from megarec.engine.loop import LoopSettings, TrainLoop
+    from megarec.methods.utgrec.data_path import TrainBatchMaker, check_data, resolve_latents, train_loader
     from megarec.methods.utgrec.item_lookup import ItemLookup
     from megarec.methods.utgrec.tokenizer import build_model, freeze_for_finetuning
     from megarec.methods.utgrec.tokenizer_task import TokenizerTask
@@ -73,6 +73,7 @@ def run(cfg: TrainTokenizerConfig) -> dict[str, Any]:
     rank, world = get_rank(), get_world_size()
     dev = device()
     lookup = ItemLookup(cfg.data.shards, cfg.data.text_fields)
+    check_data(cfg, lookup)   # images / latents file as the config asks, before anything is built
     seed_everything(cfg.train.seed)
     model, latents = build_model(cfg.utgrec, gpu=accelerator_name() != "cpu")   # same seed: same weights everywhere
     if latents is not None and not isinstance(latents, LatentCache):
@@ -87,16 +88,9 @@ def run(cfg: TrainTokenizerConfig) -> dict[str, Any]:
     if cfg.train.finetune:
         freeze_for_finetuning(model)
     seed_everything(cfg.train.seed + 1000 * rank)   # per-rank dropout / diffusion-noise streams
-    u = cfg.utgrec
-    qwen = u.encoder.backend == "qwen2vl"
-    ds = ShardDataset(cfg.data.shards, batch_size=cfg.train.batch_size, seed=cfg.train.seed,
-                      buffer_size=cfg.data.shuffle_buffer, num_workers=cfg.data.num_workers,
-                      on_bad_sample=cfg.data.on_bad_sample,
-                      load_images=qwen or (latents is not None and not isinstance(latents, LatentCache)),
-                      image_size=u.encoder.image_size if qwen else u.decoder.vae_image_size)
-    # Its own generator: a DataLoader iterator draws a base seed when created, which would otherwise come from
-    # the global RNG and shift the dropout / noise stream of a resumed run (it creates its iterator mid-epoch).
-    loader = ShardLoader(ds, generator=torch.Generator().manual_seed(cfg.train.seed))
+    latents = resolve_latents(cfg, latents, lookup, dev)   # the catalogue's VAE latents, once (every rank a slice)
+    maker = TrainBatchMaker.for_config(cfg, model.encoder.preparer(), lookup, latents, rank)
+    ds, loader = train_loader(cfg, maker)   # anchors + positives prepared in data.num_workers workers
     ds_cfg = resolve_ds_config(cfg.train.deepspeed or None, micro_batch_size=cfg.train.batch_size, lr=cfg.train.lr,
                                weight_decay=cfg.train.weight_decay)
     accumulation = int(ds_cfg["gradient_accumulation_steps"])
