@@ -14,8 +14,8 @@ Host syncs per step, after issue 19 (each drains the GPU queue and stalls ZeRO-3
 the InfoNCE size all-gathers and their ``.item()`` (sizes gathered on the host, over gloo, once per
 loss: :func:`megarec.distributed.gather_sizes`), the ``bool()`` check in the code-token lookup
 (``torch._assert_async``), the ``nonzero`` of the text loss (masked, static shapes), the code-count
-``bincount``\ s (``index_add_``), the preemption flag's device all-reduce + ``.item()`` (a CPU flag on
-gloo), the loss ``.item()``\ s (device sums, read at the window). What remains, and why:
+``bincount`` calls (``index_add_``), the preemption flag's device all-reduce + ``.item()`` (a CPU flag on
+gloo), the loss ``.item()`` calls (device sums, read at the window). What remains, and why:
 
 - the logging window (every ``log_every`` steps): one device synchronisation, the loss sums, the
   task's window scalars (code counts, token counts): the numbers themselves;
