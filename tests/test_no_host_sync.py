@@ -182,3 +182,38 @@ def test_infonce_over_two_ranks_gathers_sizes_once_on_the_host():
     for seen, calls, _ in out:
         assert seen == {"sizes": 1, "rows": 3}, seen    # was 6 device gathers (3 of them sizes) + .item() each
         assert not calls, calls
+
+
+# --------------------------------------------------------------------------- preemption flag on 2 ranks
+def _preemption_flag(rank: int, world: int):
+    import signal
+
+    import torch.distributed as dist
+
+    from megarec.engine import preemption
+
+    guard = preemption.install(["USR1"])
+    reduced = []
+    orig = dist.all_reduce
+
+    def counted(t, *a, **k):
+        reduced.append(t.device.type)
+        return orig(t, *a, **k)
+
+    dist.all_reduce = counted
+    try:
+        first = preemption.should_stop(1)
+        if rank == 1:
+            guard.received = int(signal.SIGUSR1)
+        second = preemption.should_stop(2)
+    finally:
+        dist.all_reduce = orig
+        preemption.uninstall()
+    return first, second, reduced
+
+
+def test_preemption_flag_is_a_host_collective():
+    """Any rank's signal stops every rank at the same step; the flag is a CPU tensor (gloo), never read back
+    from the accelerator."""
+    for first, second, reduced in run_ranks(_preemption_flag, 2):
+        assert (first, second) == (False, True) and reduced == ["cpu", "cpu"]
