@@ -35,17 +35,44 @@ def barrier() -> None:
         dist.barrier()
 
 
+_CPU_GROUP: list = []   # [default group, its gloo group] once made: a gloo group for host-side collectives of small host values
+
+
+def cpu_group():
+    """A process group on which CPU tensors can be reduced (gloo): the default group when it is gloo,
+    else a gloo group over every rank, made on first use (a collective: every rank must reach its first
+    use at the same point, as the callers here do: the loss and the loop run on every rank).
+
+    Host values (batch sizes, a preemption flag) go through it so that agreeing on them never touches
+    the accelerator's queue: a CPU collective costs a network round trip but does not wait for the
+    GPU. ``None`` when gloo is unavailable (callers then use the default group and a device tensor)."""
+    if not is_dist():
+        return None
+    world = dist.group.WORLD
+    if not _CPU_GROUP or _CPU_GROUP[0] is not world:   # made for another (destroyed) default group
+        _CPU_GROUP.clear()
+        if dist.get_backend() == "gloo":
+            group = world
+        else:
+            group = dist.new_group(backend="gloo") if dist.is_gloo_available() else None
+        _CPU_GROUP.extend([world, group])
+    return _CPU_GROUP[1]
+
+
 def gather_sizes(n: int, device: torch.device | str = "cpu") -> list[int]:
     """Every rank's ``n`` (e.g. its local batch size), in rank order; ``[n]`` when not distributed.
 
-    ``device`` must suit the backend (a CUDA device under nccl).
+    A CPU all-gather on :func:`cpu_group` (no accelerator sync); without gloo, an all-gather of a
+    ``device`` tensor (a CUDA device under nccl) read back once.
     """
     if not is_dist():
         return [int(n)]
-    size = torch.tensor([int(n)], device=device, dtype=torch.long)
-    sizes = [torch.zeros_like(size) for _ in range(dist.get_world_size())]
-    dist.all_gather(sizes, size)
-    return [int(s.item()) for s in sizes]
+    group = cpu_group()
+    dev = "cpu" if group is not None else device
+    size = torch.tensor([int(n)], device=dev, dtype=torch.long)
+    sizes = torch.zeros(dist.get_world_size(), device=dev, dtype=torch.long)
+    dist.all_gather(list(sizes.chunk(dist.get_world_size())), size, group=group)
+    return sizes.tolist()   # one read (a host copy when gloo: no device sync)
 
 
 class _AllGatherWithGrad(torch.autograd.Function):
@@ -62,16 +89,23 @@ class _AllGatherWithGrad(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, x: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+    def forward(ctx, x: torch.Tensor, sizes: list[int] | None) -> torch.Tensor:  # type: ignore[override]
         world = dist.get_world_size()
-        counts = gather_sizes(x.shape[0], x.device)
+        counts = list(sizes) if sizes is not None else gather_sizes(x.shape[0], x.device)
+        if counts[dist.get_rank()] != x.shape[0]:
+            raise ValueError(f"all_gather_with_grad: sizes say {counts[dist.get_rank()]} rows on this rank, "
+                             f"x has {x.shape[0]}")
         max_n = max(counts)
-        padded = x.new_zeros((max_n,) + tuple(x.shape[1:]))
-        padded[: x.shape[0]] = x
+        padded = x
+        if max_n != x.shape[0]:
+            padded = x.new_zeros((max_n,) + tuple(x.shape[1:]))
+            padded[: x.shape[0]] = x
         bufs = [torch.empty_like(padded) for _ in range(world)]
         dist.all_gather(bufs, padded.contiguous())
         ctx.counts = counts
         ctx.rank = dist.get_rank()
+        if all(n == max_n for n in counts):
+            return torch.cat(bufs, dim=0)
         return torch.cat([b[:n] for b, n in zip(bufs, counts)], dim=0)
 
     @staticmethod
@@ -79,14 +113,15 @@ class _AllGatherWithGrad(torch.autograd.Function):
         grad = grad.contiguous().clone()
         dist.all_reduce(grad, op=dist.ReduceOp.SUM)
         start = sum(ctx.counts[: ctx.rank])
-        return grad[start : start + ctx.counts[ctx.rank]]
+        return grad[start : start + ctx.counts[ctx.rank]], None
 
 
-def all_gather_with_grad(x: torch.Tensor) -> torch.Tensor:
-    """Concatenate ``x`` from every rank along dim 0, differentiably."""
+def all_gather_with_grad(x: torch.Tensor, sizes: list[int] | None = None) -> torch.Tensor:
+    """Concatenate ``x`` from every rank along dim 0, differentiably. ``sizes``: every rank's row count
+    when the caller has them (:func:`gather_sizes`, once for several gathers); else they are gathered here."""
     if get_world_size() == 1:
         return x
-    return _AllGatherWithGrad.apply(x)
+    return _AllGatherWithGrad.apply(x, sizes)
 
 
 def all_reduce_sum(x: torch.Tensor) -> torch.Tensor:

@@ -266,8 +266,12 @@ def test_bf16_zero3_one_rank(env):
     ds.write_text(json.dumps(z3))
     out = env["root"] / "bf16"
     result = run(_cfg(env, out, [("train.deepspeed", str(ds)), ("train.max_steps", "3"),
-                                 ("utgrec.codebook.dead_code_steps", "1"), ("data.heldout_items", "8")]))
+                                 ("utgrec.codebook.dead_code_steps", "1"), ("data.heldout_items", "8"),
+                                 ("train.peak_tflops", "1.0")]))   # the FLOP count runs under ZeRO-3 too
     assert all(math.isfinite(v) for v in result["last"].values())
+    from tests.dist import tb_scalars
+
+    assert all(0.0 < v < 1.0 for v in tb_scalars(out / "tb", "perf/mfu").values())
     assert result["codes"]["collision_rate_after"] == 0.0
     w, _ = read_weights(out)
     assert all(v.dtype == torch.float32 for v in w.values() if v.is_floating_point())

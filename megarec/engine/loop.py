@@ -7,8 +7,37 @@ and TensorBoard step is an optimizer step), a logging window (saved in checkpoin
 a resume equal an uninterrupted run's), per-step evaluation, checkpoints (every ``save_every_steps``
 and at each section end), preemption (:mod:`.preemption`), resume and a progress bar.
 
-Hot loop: losses are accumulated on the device and read once per logging window; nothing else
-synchronises with the host.
+Hot loop: losses are accumulated on the device and read once per logging window (after one device
+synchronisation, so that the window's seconds cover its queued work).
+
+Host syncs per step, after issue 19 (each drains the GPU queue and stalls ZeRO-3 prefetch). Gone:
+the InfoNCE size all-gathers and their ``.item()`` (sizes gathered on the host, over gloo, once per
+loss: :func:`megarec.distributed.gather_sizes`), the ``bool()`` check in the code-token lookup
+(``torch._assert_async``), the ``nonzero`` of the text loss (masked, static shapes), the code-count
+``bincount`` calls (``index_add_``), the preemption flag's device all-reduce + ``.item()`` (a CPU flag on
+gloo), the loss ``.item()`` calls (device sums, read at the window). What remains, and why:
+
+- the logging window (every ``log_every`` steps): one device synchronisation, the loss sums, the
+  task's window scalars (code counts, token counts): the numbers themselves;
+- checkpoints, evaluation, the preemption stop (not per step);
+- host collectives that never wait for the GPU: the preemption flag (every
+  ``MEGAREC_PREEMPT_CHECK_EVERY`` steps) and InfoNCE's batch sizes, on gloo;
+- DeepSpeed's own step: fp16 loss-scale overflow checks and, with ``gradient_clipping``, the global
+  norm (bf16 without clipping has none); ZeRO-3's parameter fetches are device collectives;
+- UTGRec with ``codebook.dead_code_steps > 0`` (off by default): the dead-code set each step
+  (``TreeCodebooks.restart_dead_codes``), the first quantised step's k-means (once);
+- blocking host-to-device copies of a batch from pageable memory (``Tensor.to(device)`` without
+  ``non_blocking``) synchronise the stream: the recommenders' batches copy with ``non_blocking=True``.
+
+``tests/test_no_host_sync.py`` counts ``Tensor.item`` / ``__bool__`` / ``tolist`` / ``nonzero`` /
+``bincount`` and device collectives through a few steps and fails if one comes back.
+
+Time split (window scalars ``perf/*``): ``data_wait_frac`` is the host time in ``next(batches)`` and
+:meth:`LoopTask.prepare` over the window's seconds; ``mfu`` / ``hfu`` the model / hardware FLOPs
+(:mod:`megarec.engine.flops`, counted once on a micro-batch, reused per sample) over the window's
+seconds times the peak (``LoopSettings.peak_tflops``, else the GPU's by name; no MFU without one);
+``step_s`` the seconds per optimizer step. Communication is not split off: DeepSpeed's collectives run
+on their own streams inside backward / step and cannot be timed apart without a sync per step.
 """
 from __future__ import annotations
 
@@ -42,6 +71,7 @@ class LoopSettings:
     keep_checkpoints: int = 2
     progress: bool = True
     cpu_bf16: bool = False        # bf16 autocast of the training forward on CPU ranks
+    peak_tflops: float = 0.0      # peak TFLOP/s of one device for perf/mfu (0: a known GPU's, none on CPU)
 
 
 class LoopTask:
@@ -55,9 +85,19 @@ class LoopTask:
         ``loss`` is backpropagated, every entry is logged as ``loss/<name>``."""
         raise NotImplementedError
 
+    def prepare(self, item: Any, step: int) -> Any:
+        """Host work that turns a source item into :meth:`loss`'s input (collation, host-to-device copies); the
+        loop times it as data wait. Default: the item itself."""
+        return item
+
     def samples(self, item: Any) -> int:
-        """Training samples in a micro-batch on this rank."""
+        """Training samples in a micro-batch on this rank (``item``: the source's, before :meth:`prepare`)."""
         return len(item)
+
+    def measurable(self, step: int) -> bool:
+        """Whether a micro-batch of ``step`` is typical work, fit for the one FLOP count of ``perf/mfu``
+        (not a step with one-off work such as a k-means initialisation)."""
+        return True
 
     def after_step(self, step: int, out: dict[str, torch.Tensor]) -> None:
         """After each optimizer step (``out``: the last micro-batch's losses)."""
@@ -100,13 +140,15 @@ class LoopTask:
 
 
 class _Window:
-    """The open logging window: loss sums (on the device), micro-batches, samples, training seconds."""
+    """The open logging window: loss sums (on the device), micro-batches, samples, training seconds, seconds
+    waiting for data."""
 
     def __init__(self, device: torch.device, saved: dict[str, Any] | None = None) -> None:
         saved = saved or {}
         self.sums = {k: torch.tensor(v, dtype=torch.float32, device=device) for k, v in saved.get("sums", {}).items()}
         self.steps, self.samples = int(saved.get("steps", 0)), int(saved.get("samples", 0))
         self.seconds = float(saved.get("seconds", 0.0))
+        self.data_s = float(saved.get("data_s", 0.0))
         self.t = time.perf_counter()
 
     def add(self, out: dict[str, torch.Tensor], samples: int) -> None:
@@ -130,7 +172,7 @@ class _Window:
     def state(self) -> dict[str, Any]:
         """As plain numbers (fp32 sums survive the round trip exactly)."""
         return {"sums": {k: float(v) for k, v in self.sums.items()}, "steps": self.steps, "samples": self.samples,
-                "seconds": self.seconds}
+                "seconds": self.seconds, "data_s": self.data_s}
 
 
 class TrainLoop:
@@ -146,6 +188,10 @@ class TrainLoop:
         self.resumed_from: int | None = None
         self.window = _Window(engine.device)
         self.accumulation = int(self.source.accumulation)
+        from megarec.engine.flops import peak_flops
+
+        self.peak = peak_flops(engine.device, settings.peak_tflops)   # FLOP/s of one device, None: no MFU
+        self.flops: dict[str, float] | None = None                     # per sample, once counted
 
     # ------------------------------------------------------------------ state
     def resume(self) -> bool:
@@ -214,10 +260,16 @@ class TrainLoop:
         for done in range(sec.done + 1, sec.total + 1):
             step = st["global_step"]
             for _ in range(self.accumulation):
+                t0 = time.perf_counter()
                 item = next(items)
-                with autocast:
-                    out = task.loss(engine, item, step)
-                engine.backward(out["loss"])
+                inputs = task.prepare(item, step)
+                self.window.data_s += time.perf_counter() - t0
+                if self.peak is not None and self.flops is None and task.measurable(step):
+                    out = self._counted_step(inputs, step, task.samples(item), autocast)
+                else:
+                    with autocast:
+                        out = task.loss(engine, inputs, step)
+                    engine.backward(out["loss"])
                 engine.step()          # DeepSpeed steps the optimizer at accumulation boundaries
                 self.window.add(out, task.samples(item) * world)
             st["global_step"] = gs = step + 1
@@ -250,19 +302,55 @@ class TrainLoop:
         task.on_section_end(sec.index, st["global_step"], tb)
         self._save()
 
+    def _counted_step(self, inputs: Any, step: int, samples: int, autocast) -> dict[str, torch.Tensor]:
+        """Forward + backward of one micro-batch under the FLOP counter; keeps FLOPs per sample."""
+        from megarec.engine.flops import StepFlopCounter
+
+        counter = StepFlopCounter()
+        with counter:
+            with autocast:
+                out = self.task.loss(self.engine, inputs, step)
+            counter.phase = "backward"
+            self.engine.backward(out["loss"])
+        n = max(1, samples)
+        self.flops = {"model": counter.model_flops / n, "hardware": counter.hardware_flops / n}
+        self.log.info("FLOPs per sample: %.4g model (forward %.4g, backward %.4g), %.4g recomputed (checkpointing)",
+                      self.flops["model"], counter.counts["forward"] / n, counter.counts["backward"] / n,
+                      counter.counts["recompute"] / n)
+        return out
+
+    def perf_scalars(self, w: "_Window") -> dict[str, float]:
+        """``perf/*`` of a closed window (tags without the prefix)."""
+        secs = max(w.seconds, 1e-9)
+        out = {"samples_per_s": w.samples / secs, "memory_gb": memory_gb(), "data_wait_frac": w.data_s / secs,
+               "step_s": w.seconds / max(1, w.steps // self.accumulation)}
+        if self.peak is not None and self.flops is not None:
+            world = get_world_size()   # w.samples counts every rank's; FLOPs per sample were this rank's
+            out["mfu"] = self.flops["model"] * w.samples / (secs * world * self.peak)
+            out["hfu"] = self.flops["hardware"] * w.samples / (secs * world * self.peak)
+            out["tflops"] = self.flops["model"] * w.samples / (secs * world) / 1e12   # per device
+        return out
+
     def _log_window(self, tb: TBLogger, bar) -> None:
-        """Close the logging window: one host sync (the mean losses), training time and throughput
-        up to now, TensorBoard scalars; then open the next one."""
+        """Close the logging window: one device sync (so that its seconds cover its queued work), one host
+        read (the mean losses), training time and throughput up to now, TensorBoard scalars, a console line;
+        then open the next one."""
         w = self.window
+        _synchronize()
         self.state["train_s"] += w.lap()
         means = {k: float(v) / w.steps for k, v in w.sums.items()}
         step = self.state["global_step"]
+        perf = self.perf_scalars(w)
         tb.scalars(means, step, prefix="loss/")
-        tb.scalars({"samples_per_s": w.samples / max(w.seconds, 1e-9), "memory_gb": memory_gb()}, step, prefix="perf/")
+        tb.scalars(perf, step, prefix="perf/")
         tb.scalars(part_lrs(self.engine), step, prefix="train/")
         tb.scalars(self.task.window_scalars(means, w.seconds), step)
+        mfu = f" mfu {perf['mfu']:.3f}" if "mfu" in perf else ""
+        self.log.info("step %d loss %.4f %.1f samples/s %.3f s/step data wait %.2f%s", step, means["loss"],
+                      perf["samples_per_s"], perf["step_s"], perf["data_wait_frac"], mfu)
         if bar is not None:
-            bar.set_postfix(loss=f"{means['loss']:.4f}")
+            bar.set_postfix(loss=f"{means['loss']:.4f}", **({"mfu": f"{perf['mfu']:.3f}"} if mfu else {}),
+                            wait=f"{perf['data_wait_frac']:.2f}")
         self.window = _Window(self.engine.device)
         self.task.reset_window()
 

@@ -8,7 +8,9 @@ thing, which replaces the default action of those signals (terminate at once) by
 flag. The training loop calls :func:`should_stop` after each optimizer step; it is a
 collective (ranks get the signal at different moments, so they agree on the step with a
 MAX all-reduce of the flag), run every ``MEGAREC_PREEMPT_CHECK_EVERY`` steps (default 1:
-one 4-byte all-reduce per step). When it says stop, the loop writes a checkpoint and raises
+one 4-byte all-reduce per step). The flag is a CPU tensor reduced on a gloo group
+(:func:`megarec.distributed.cpu_group`): a host round trip that never waits for the GPU's
+queue (under nccl a device flag read back with ``.item()`` would drain it every step). When it says stop, the loop writes a checkpoint and raises
 :class:`Preempted`, a ``SystemExit`` with :data:`EXIT_CODE` (75, ``EX_TEMPFAIL``): the
 launcher requeues the job on that code and the next run resumes from the checkpoint.
 
@@ -66,11 +68,17 @@ class PreemptionGuard:
         if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
             import torch
 
-            from megarec.engine.deepspeed_setup import device
+            from megarec.distributed import cpu_group
 
-            t = torch.tensor([flag], dtype=torch.int32, device=device())
-            dist.all_reduce(t, op=dist.ReduceOp.MAX)
-            flag = int(t.item())
+            group = cpu_group()   # gloo: a host round trip, the accelerator's queue is never drained
+            if group is not None:
+                t = torch.tensor([flag], dtype=torch.int32)
+            else:
+                from megarec.engine.deepspeed_setup import device
+
+                t = torch.tensor([flag], dtype=torch.int32, device=device())
+            dist.all_reduce(t, op=dist.ReduceOp.MAX, group=group)
+            flag = int(t.tolist()[0])
             if flag and self.received is None:     # another rank got it first
                 self.received = int(signal.SIGUSR1)
         return bool(flag)

@@ -2,7 +2,8 @@
 
 Tags: ``loss/<name>``; validation ``eval/recall@k`` and ``eval/ndcg@k`` (plus
 ``eval/<domain>/...`` per domain when several are evaluated); the final test pass
-``test/recall@k``, ``test/ndcg@k``; ``perf/samples_per_s``, ``perf/memory_gb``; ``train/lr``.
+``test/recall@k``, ``test/ndcg@k``; ``perf/samples_per_s``, ``perf/memory_gb``, ``perf/data_wait_frac``,
+``perf/step_s``, ``perf/mfu`` / ``hfu`` / ``tflops`` (with a known peak); ``train/lr``.
 """
 from __future__ import annotations
 

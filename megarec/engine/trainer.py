@@ -78,6 +78,7 @@ class LoopConfig:
     group_by_length: bool = True  # when the task gives sample lengths
     group_window: int = 50        # global batches per length-sorted window
     cpu_bf16: bool = False        # bf16 autocast of the training forward on CPU ranks
+    peak_tflops: float = 0.0      # one device's peak for perf/mfu (0: a known GPU's; none on CPU)
 
 
 class EarlyStopping:
@@ -116,7 +117,8 @@ class Trainer:
     def __init__(self, engine, task: TrainTask, cfg: LoopConfig, run_dir: str | Path) -> None:
         self.task = _EpochTask(engine, task, cfg, Path(run_dir))
         settings = LoopSettings(log_every=cfg.log_every, save_every_steps=cfg.save_every_steps,
-                                keep_checkpoints=cfg.keep_checkpoints, progress=cfg.progress, cpu_bf16=cfg.cpu_bf16)
+                                keep_checkpoints=cfg.keep_checkpoints, progress=cfg.progress, cpu_bf16=cfg.cpu_bf16,
+                                peak_tflops=cfg.peak_tflops)
         self.loop = TrainLoop(engine, self.task, settings, run_dir, log_name="megarec.train")
 
     def resume(self) -> bool:
@@ -143,8 +145,11 @@ class _EpochTask(LoopTask):
         self.history: list[dict[str, Any]] = []
         self.exported = self.done = False
 
-    def loss(self, engine, item: np.ndarray, step: int) -> dict[str, torch.Tensor]:
-        return self.task.loss(engine, self.task.batch(item))
+    def prepare(self, item: np.ndarray, step: int) -> dict[str, torch.Tensor]:
+        return self.task.batch(item)     # collation and the copy to the device: timed as data wait
+
+    def loss(self, engine, batch: dict[str, torch.Tensor], step: int) -> dict[str, torch.Tensor]:
+        return self.task.loss(engine, batch)
 
     def on_section_start(self, index: int) -> None:
         if self.task.on_epoch_start is not None:

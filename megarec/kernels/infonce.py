@@ -21,6 +21,12 @@ W / B_total (``"mean"``) or W (``"sum"``), so the *average over ranks* of the
 loss equals the single-process loss on the concatenated batch, and so do the
 gradients after DeepSpeed/DDP gradient averaging (the gather's backward sums
 key gradients over ranks). This holds for unequal per-rank batch sizes too.
+
+Host syncs: none. The per-rank batch sizes (host ints: the offset of this rank's
+positives, the loss weight, the gather's padding) come from one CPU all-gather
+(gloo) per call, or from ``sizes=`` when the caller gathered them once for
+several calls (UTGRec's per-level L_Ali); the row gathers are device collectives
+that the host does not wait for.
 """
 from __future__ import annotations
 
@@ -166,7 +172,7 @@ class _InfoNCE(torch.autograd.Function):
 
 def infonce(a: torch.Tensor, b: torch.Tensor, tau: float | torch.Tensor, *, bidirectional: bool = True,
             gather: bool = True, reduction: str = "mean", eps: float = 1e-8,
-            backend: str = "auto") -> torch.Tensor:
+            backend: str = "auto", sizes: list[int] | None = None) -> torch.Tensor:
     """InfoNCE over cosine similarities / tau with in-batch negatives; row i of ``a`` matches row i of ``b``.
 
     Args:
@@ -177,6 +183,9 @@ def infonce(a: torch.Tensor, b: torch.Tensor, tau: float | torch.Tensor, *, bidi
         gather: when a process group with world > 1 is initialised, take keys from every rank
             (see the module docstring for the loss scaling that makes averaged gradients exact).
         reduction: ``"mean"`` (each direction divided by the global batch size) or ``"sum"``.
+        sizes: every rank's batch size in rank order, when the caller has them (one
+            :func:`~megarec.distributed.gather_sizes` for several losses over the same rows); else
+            gathered here, once per call, on the host (a CPU collective, no device sync).
     Returns:
         A scalar float32 loss.
     """
@@ -196,10 +205,10 @@ def infonce(a: torch.Tensor, b: torch.Tensor, tau: float | torch.Tensor, *, bidi
     if world == 1:
         w = 1.0 / a.shape[0] if reduction == "mean" else 1.0
         return _InfoNCE.apply(an, bn, t, 0, w, w if bidirectional else 0.0, use_triton)
-    counts = gather_sizes(a.shape[0], a.device)
+    counts = list(sizes) if sizes is not None else gather_sizes(a.shape[0], a.device)
     offset = sum(counts[: get_rank()])
     w = world / sum(counts) if reduction == "mean" else float(world)
-    loss = _InfoNCE.apply(an, all_gather_with_grad(bn), t, offset, w, 0.0, use_triton)
+    loss = _InfoNCE.apply(an, all_gather_with_grad(bn, counts), t, offset, w, 0.0, use_triton)
     if bidirectional:
-        loss = loss + _InfoNCE.apply(bn, all_gather_with_grad(an), t, offset, w, 0.0, use_triton)
+        loss = loss + _InfoNCE.apply(bn, all_gather_with_grad(an, counts), t, offset, w, 0.0, use_triton)
     return loss

@@ -64,6 +64,8 @@ class RecTrainConfig:
                                        "(tools/bench_cpu_bf16.py); GPUs use the DeepSpeed config's bf16")
     cpu_threads: int = field(0, min=0, help="torch threads per rank on CPU (0 = this process's cores / ranks on "
                                             "the node, unless OMP_NUM_THREADS is set)")
+    peak_tflops: float = field(0.0, min=0.0, help="peak TFLOP/s of one device for perf/mfu (0 = a known GPU's "
+                                                  "bf16 dense peak by name; on CPU perf/mfu needs this)")
 
 
 def _build_config_class() -> type:
@@ -181,7 +183,7 @@ def run(cfg: Any) -> dict[str, Any]:
                       log_every=cfg.train.log_every, save_every_steps=cfg.train.save_every_steps,
                       keep_checkpoints=cfg.train.keep_checkpoints, progress=cfg.train.progress,
                       group_by_length=cfg.train.group_by_length, group_window=cfg.train.group_window,
-                      cpu_bf16=cfg.train.cpu_bf16)
+                      cpu_bf16=cfg.train.cpu_bf16, peak_tflops=cfg.train.peak_tflops)
     trainer = Trainer(engine, task, loop, run_dir)
     if cfg.train.resume:
         trainer.resume()

@@ -129,8 +129,10 @@ class TreeCodebooks(nn.Module):
         """Usage bookkeeping for dead-code restarts (training mode; a collective: counts summed over ranks)."""
         if not (self.training and self.dead_code_steps > 0):
             return
-        counts = torch.cat([torch.bincount(codes[:, 0], minlength=self.root_size),
-                            torch.bincount(codes[:, 1:].reshape(-1), minlength=self.leaf_size)])
+        # One index_add_ over [root | leaf] counters (bincount would read its input's max: a host sync on CUDA).
+        flat = torch.cat([codes[:, 0], codes[:, 1:].reshape(-1) + self.root_size])
+        counts = torch.zeros(self.root_size + self.leaf_size, dtype=torch.long, device=codes.device)
+        counts.index_add_(0, flat, torch.ones_like(flat))
         all_reduce_sum(counts)
         for name, c in (("root", counts[:self.root_size]), ("leaf", counts[self.root_size:])):
             unused = getattr(self, f"{name}_unused")
@@ -152,6 +154,8 @@ class TreeCodebooks(nn.Module):
         99.8% of held-out items shared an ID (docs/README_utgrec.md)."""
         if self.dead_code_steps <= 0 or not self._recent:
             return 0
+        # Host syncs (only with dead_code_steps > 0, off by default as in the paper): the dead set's size is read
+        # per codebook each step (``nonzero``); restarts change the codebook's rows, so they cannot wait.
         restarted = 0
         for name, E, W in (("root", self.root_E, self.root_W), ("leaf", self.leaf_E, self.leaf_W)):
             unused = getattr(self, f"{name}_unused")

@@ -59,8 +59,8 @@ class HistorySamples:
         idx = np.asarray(indices, dtype=np.int64)
         width = int(self.counts[idx].max())
         t = torch.from_numpy(idx)
-        items = self.items.index_select(0, t)[:, :width].to(device)
-        targets = self.targets.index_select(0, t).to(device)
+        items = self.items.index_select(0, t)[:, :width].to(device, non_blocking=True)
+        targets = self.targets.index_select(0, t).to(device, non_blocking=True)
         tokens = self.table.tokens(device)
         L = tokens.shape[1]
         valid = items >= 0

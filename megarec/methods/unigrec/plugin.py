@@ -94,8 +94,8 @@ class UniGRecSamples(shared.HistorySamples):
         out = super().batch(indices, device)
         idx = np.asarray(indices, dtype=np.int64)
         width = int(self.counts[idx].max())
-        out["items"] = self.items.index_select(0, torch.from_numpy(idx))[:, :width].to(device)
-        out["counts"] = torch.from_numpy(self.counts[idx]).to(device)
+        out["items"] = self.items.index_select(0, torch.from_numpy(idx))[:, :width].to(device, non_blocking=True)
+        out["counts"] = torch.from_numpy(self.counts[idx]).to(device, non_blocking=True)
         return out
 
 

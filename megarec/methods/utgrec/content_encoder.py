@@ -88,14 +88,19 @@ class ContentEncoder(nn.Module):
         return self.preparer().text_targets(texts, max_tokens)
 
     def code_states(self, hidden: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:
-        """``H [B, L, d]``: ``hidden`` at the positions of ``<CODE_1>..<CODE_L>`` (once each per row)."""
-        states = []
+        """``H [B, L, d]``: ``hidden`` at the positions of ``<CODE_1>..<CODE_L>`` (once each per row).
+
+        No host sync: positions by ``argmax`` and a gather (static shapes), the "exactly once" check by
+        ``torch._assert_async`` (on a GPU it fails at a later kernel launch instead of draining the queue;
+        on CPU it is an immediate check). The prompts put every code token once by construction
+        (:meth:`prepare`)."""
+        pos = []
         for cid in self.code_ids:
             hit = input_ids == cid
-            if not bool((hit.sum(1) == 1).all()):
-                raise ValueError("every encoder input row must hold each code token exactly once")
-            states.append(hidden[hit])
-        return torch.stack(states, dim=1)
+            torch._assert_async((hit.sum(1) == 1).all(), "every encoder input row must hold each code token exactly once")
+            pos.append(hit.int().argmax(1))
+        idx = torch.stack(pos, dim=1)                                   # [B, L]
+        return hidden.gather(1, idx[..., None].expand(-1, -1, hidden.shape[-1]))
 
 
 class QwenVLEncoder(ContentEncoder):

@@ -137,8 +137,12 @@ def freeze_for_finetuning(model: UTGRecModel) -> None:
 # ----------------------------------------------------------------------------------- losses
 def alignment_loss(h: torch.Tensor, h_pos: torch.Tensor, tau: float) -> torch.Tensor:
     """UTGRec Eq. 11: ``sum_l InfoNCE(h_l, h_l^+)`` with cosine similarity / tau, the positives of the batch
-    (every rank's, when distributed) as candidates; mean over anchors. ``h, h_pos [B, L, d]``."""
-    return sum(infonce(h[:, l].float(), h_pos[:, l].float(), tau, bidirectional=False, gather=True)
+    (every rank's, when distributed) as candidates; mean over anchors. ``h, h_pos [B, L, d]``.
+    The ranks' batch sizes are gathered once (on the host) for the L levels."""
+    from megarec.distributed import gather_sizes
+
+    sizes = gather_sizes(h.shape[0])
+    return sum(infonce(h[:, l].float(), h_pos[:, l].float(), tau, bidirectional=False, gather=True, sizes=sizes)
                for l in range(h.shape[1]))
 
 

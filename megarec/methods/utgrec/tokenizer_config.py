@@ -44,6 +44,8 @@ class TokTrainConfig:
     resume: bool = field(False)
     progress: bool = field(True)
     cpu_threads: int = field(0, min=0, help="torch threads per rank on CPU (0 = cores / local ranks)")
+    peak_tflops: float = field(0.0, min=0.0, help="peak TFLOP/s of one device for perf/mfu (0 = a known GPU's "
+                                                  "bf16 dense peak by name; on CPU perf/mfu needs this)")
 
 
 @dataclasses.dataclass

@@ -110,7 +110,7 @@ def run(cfg: TrainTokenizerConfig) -> dict[str, Any]:
     task = TokenizerTask(cfg, module, batcher, loader, len(lookup), total, accumulation, rank, dev)
     settings = LoopSettings(log_every=cfg.train.log_every, save_every_steps=cfg.train.save_every_steps,
                             eval_every_steps=cfg.train.eval_every, keep_checkpoints=cfg.train.keep_checkpoints,
-                            progress=cfg.train.progress)
+                            progress=cfg.train.progress, peak_tflops=cfg.train.peak_tflops)
     loop = TrainLoop(engine, task, settings, run_dir, log_name=log.name)
     if cfg.train.resume:
         loop.resume()

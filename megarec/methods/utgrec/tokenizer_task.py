@@ -6,6 +6,9 @@ after each optimizer step. The logging window adds per-level code usage / perple
 accumulated on the device), restarts, tokens/s; every ``eval_every`` steps the held-out collision
 rate. Task state in checkpoints: the dead-code counters, ``kmeans_done``, ``restarts``, the last
 window's summary.
+
+Host syncs in a step: none of this task's (code counts by ``index_add_``, tokens summed on the device,
+read at the window); see :mod:`megarec.engine.loop` for the list of those that remain.
 """
 from __future__ import annotations
 
@@ -40,19 +43,27 @@ class TokenizerTask(LoopTask):
         self.reset_window()
 
     # ------------------------------------------------------------------ steps
-    def loss(self, engine, batch: dict, step: int) -> dict[str, torch.Tensor]:
-        enc, ids, mask, lat, has = self.batcher.train_batch(batch, step, self.rank)
+    def prepare(self, batch: dict, step: int):
+        """Model inputs of a shard batch (host work: positives, prompts, images; timed as data wait)."""
+        return self.batcher.train_batch(batch, step, self.rank)
+
+    def loss(self, engine, inputs, step: int) -> dict[str, torch.Tensor]:
+        enc, ids, mask, lat, has = inputs
         self.quant = quantizing(step, self.warmup)
         if self.quant and self.cfg.utgrec.codebook.kmeans_init and not self.kmeans_done:
             with torch.no_grad():   # anchors and positives of this step, pooled over ranks
                 self.module.tree.init_from_data(self.module.code_inputs(**enc))
             self.kmeans_done = True
         out = engine(enc, ids, mask, lat, has, quantize=self.quant)
-        codes = out.tree.codes
+        codes = out.tree.codes   # per-level counts without bincount (a host sync on CUDA: it reads the max)
         for l, c in enumerate(self.counts):
-            c += torch.bincount(codes[:, l], minlength=len(c))
+            c.index_add_(0, codes[:, l], torch.ones_like(codes[:, l]))
         self.tokens += enc["attention_mask"].sum()
         return tokenizer_loss(out, self.cfg.utgrec.loss, self.quant)
+
+    def measurable(self, step: int) -> bool:
+        """Not the step of the k-means initialisation (one-off work, kept out of the FLOP count)."""
+        return not (quantizing(step, self.warmup) and self.cfg.utgrec.codebook.kmeans_init and not self.kmeans_done)
 
     def samples(self, batch: dict) -> int:
         return len(batch["key"])   # anchors (each also encodes a positive)
