@@ -58,7 +58,7 @@ def test_encode_histories_right_padded_with_eos():
 
 
 @pytest.mark.parametrize("append_eos", [True, False])
-def test_encode_histories_equals_per_row_reference(append_eos):
+def test_encode_histories_equals_per_row_reference(append_eos, monkeypatch):
     """The vectorised encoding = the obvious per-row one, on ragged histories (empty, longer than
     max_items), in int64 and in the compact int16 the training sets store."""
     v = CodeVocab([4, 5, 3])
@@ -74,6 +74,8 @@ def test_encode_histories_equals_per_row_reference(append_eos):
         assert mask[i].tolist() == [1] * len(r) + [0] * (width - len(r))
     small, small_mask = v.encode_histories(hists, tok, max_items=6, append_eos=append_eos, dtype=torch.int16)
     assert small.dtype == torch.int16 and torch.equal(small.long(), ids) and torch.equal(small_mask.long(), mask)
+    monkeypatch.setattr(CodeVocab, "ENCODE_CHUNK", 3)   # rows in several passes: the same result
+    assert torch.equal(v.encode_histories(hists, tok, max_items=6, append_eos=append_eos)[0], ids)
 
 
 def test_scatter_level_probs_places_each_level():

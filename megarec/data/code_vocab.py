@@ -75,6 +75,8 @@ class CodeVocab:
             raise DataError("a token does not belong to the code level at its position")
         return codes
 
+    ENCODE_CHUNK = 500_000   # rows per vectorised pass of :meth:`encode_histories`
+
     def encode_histories(self, histories: Sequence[np.ndarray], item_tokens: np.ndarray, *,
                          max_items: int | None = None, append_eos: bool = True,
                          dtype: torch.dtype = torch.int64) -> tuple[torch.Tensor, torch.Tensor]:
@@ -90,23 +92,24 @@ class CodeVocab:
         """
         item_tokens = np.asarray(item_tokens)
         L = item_tokens.shape[1] if item_tokens.ndim == 2 else 1
-        hs = [np.asarray(h, dtype=np.int64).reshape(-1) for h in histories]
-        if max_items is not None:
-            hs = [h[len(h) - min(len(h), max_items):] for h in hs]
-        n_items = np.fromiter((len(h) for h in hs), dtype=np.int64, count=len(hs))
-        flat = np.concatenate(hs) if hs else np.zeros(0, dtype=np.int64)
-        if flat.size and (flat.min() < 0 or flat.max() >= len(item_tokens)):
-            raise DataError(f"history item index outside 0..{len(item_tokens) - 1}")
+        n_items = np.fromiter((min(len(h), max_items) if max_items is not None else len(h) for h in histories),
+                              dtype=np.int64, count=len(histories))
         lengths = n_items * L + int(append_eos)
         width = int(lengths.max(initial=0)) or 1
         np_dtype = torch.empty(0, dtype=dtype).numpy().dtype
-        ids = np.full((len(hs), width), PAD, dtype=np_dtype)
-        rows = np.repeat(np.arange(len(hs)), n_items * L)
-        starts = np.repeat(np.cumsum(n_items * L) - n_items * L, n_items * L)
-        cols = np.arange(len(rows)) - starts
-        ids[rows, cols] = item_tokens[flat].reshape(-1)
+        ids = np.full((len(histories), width), PAD, dtype=np_dtype)
+        for lo in range(0, len(histories), self.ENCODE_CHUNK):   # bounded temporaries at 10^7 rows
+            hi = min(lo + self.ENCODE_CHUNK, len(histories))
+            part = [np.asarray(h, dtype=np.int64).reshape(-1) for h in histories[lo:hi]]
+            flat = np.concatenate([h[len(h) - n:] for h, n in zip(part, n_items[lo:hi])]) if part else np.zeros(0, np.int64)
+            if flat.size and (flat.min() < 0 or flat.max() >= len(item_tokens)):
+                raise DataError(f"history item index outside 0..{len(item_tokens) - 1}")
+            per_row = n_items[lo:hi] * L
+            rows = np.repeat(np.arange(lo, hi), per_row)
+            cols = np.arange(len(rows)) - np.repeat(np.cumsum(per_row) - per_row, per_row)
+            ids[rows, cols] = item_tokens[flat].reshape(-1)
         if append_eos:
-            ids[np.arange(len(hs)), lengths - 1] = EOS
+            ids[np.arange(len(histories)), lengths - 1] = EOS
         mask = np.arange(width)[None, :] < lengths[:, None]
         return torch.from_numpy(ids), torch.from_numpy(mask.astype(np.int64) if dtype == torch.int64 else mask)
 
