@@ -58,6 +58,7 @@ def catalogue_table(res: dict) -> str:
 def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="reduced sizes (the test that guards this script)")
+    ap.add_argument("--tiny", action="store_true", help="seconds-long sizes (tests/test_bench_scale.py)")
     ap.add_argument("--parts", default=",".join(PARTS), help=f"comma-separated subset of {PARTS}")
     ap.add_argument("--json", default="", help="write the results here")
     ap.add_argument("--work", default="", help="scratch folder (default: a temporary one, removed)")
@@ -79,11 +80,14 @@ def main(argv: list[str] | None = None) -> dict:
         if "catalogue" in parts:
             import scale_catalogue
 
-            sizes = scale_catalogue.QUICK if args.quick else scale_catalogue.PAPER
+            sizes = (scale_catalogue.TINY if args.tiny else scale_catalogue.QUICK if args.quick
+                     else scale_catalogue.PAPER)
+            small = args.quick or args.tiny
             print(f"catalogue: {sizes}", flush=True)
             res = scale_catalogue.run(work / "catalogue", sizes, rqvae_epochs=args.rqvae_epochs,
-                                      t5_steps=3 if args.quick else args.t5_steps,
-                                      eval_users=2000 if args.quick else 10_000)
+                                      t5_steps=2 if args.tiny else 3 if small else args.t5_steps,
+                                      eval_users=200 if args.tiny else 2000 if small else 10_000,
+                                      text_sample=32 if args.tiny else 512)
             out["catalogue"] = res
             print(catalogue_table(res))
         if "tokenizer" in parts:

@@ -39,6 +39,7 @@ import torch
 
 PAPER = {"users": 1_000_000, "items": 344_000, "interactions": 8_600_000}   # UTGRec Table 1, pre-training
 QUICK = {"users": 150_000, "items": 50_000, "interactions": 1_250_000}
+TINY = {"users": 3_000, "items": 1_000, "interactions": 25_000}          # the test that guards the script
 CATEGORY = "Synthetic"
 WORDS = ("nail lacquer shimmer polish matte gloss brush cream serum mask lotion oil balm scrub powder glow "
          "rose lavender vanilla citrus mint aloe argan coconut shea organic vegan travel mini deluxe set "
