@@ -62,6 +62,7 @@ def _partition_sizes(rank: int, world: int, qwen: str) -> dict:
     return {"sizes": out, "h": h.detach().float()}
 
 
+@pytest.mark.slow
 def test_zero3_partitions_the_frozen_base_from_load_on(tmp_path):
     qwen = _save_mid_qwen2vl(tmp_path / "mid")
     r0, r1 = run_ranks(_partition_sizes, 2, (str(qwen),), timeout=240)
@@ -234,6 +235,7 @@ def reexport_zero3(env, pretrained):
     return out
 
 
+@pytest.mark.slow
 def test_two_rank_zero3_reexport_equals_the_single_rank_export(pretrained, reexport_zero3):
     from megarec.data.codes import CodesFile
 
@@ -242,6 +244,7 @@ def test_two_rank_zero3_reexport_equals_the_single_rank_export(pretrained, reexp
     assert (a.codes == b.codes).all()
 
 
+@pytest.mark.slow
 def test_two_rank_zero3_reexport_writes_the_same_trainable_files(pretrained, reexport_zero3):
     from safetensors.torch import load_file
 
