@@ -67,7 +67,7 @@ def run(cfg: TrainTokenizerConfig) -> dict[str, Any]:
                                                 set_cpu_threads)
     from megarec.engine.loop import LoopSettings, TrainLoop
     from megarec.methods.utgrec.item_lookup import ItemLookup
-    from megarec.methods.utgrec.content_encoder import is_zero3
+    from megarec.methods.utgrec.content_encoder import full_numel, is_zero3
     from megarec.methods.utgrec.tokenizer import build_model, freeze_for_finetuning
     from megarec.methods.utgrec.tokenizer_files import export_tokenizer, load_tokenizer
     from megarec.methods.utgrec.tokenizer_task import TokenizerTask
@@ -109,10 +109,11 @@ def run(cfg: TrainTokenizerConfig) -> dict[str, Any]:
     loader = ShardLoader(ds, generator=torch.Generator().manual_seed(cfg.train.seed))
     accumulation = int(ds_cfg["gradient_accumulation_steps"])
     total = cfg.train.max_steps or cfg.train.epochs * len(ds) // accumulation   # optimizer steps
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    trainable = sum(full_numel(p) for p in model.parameters() if p.requires_grad)
     log.info("utgrec tokenizer: %d items, %d ranks, ZeRO stage %s, bf16 %s, %d steps, %d trainable of %d parameters",
              len(lookup), world, ds_cfg.get("zero_optimization", {}).get("stage", 0),
-             ds_cfg.get("bf16", {}).get("enabled", False), total, trainable, sum(p.numel() for p in model.parameters()))
+             ds_cfg.get("bf16", {}).get("enabled", False), total, trainable,
+             sum(full_numel(p) for p in model.parameters()))
     engine = build_engine(model, ds_cfg, WarmupCosine(cfg.train.warmup_steps, max(total, 1), cfg.train.min_lr_ratio))
     module = engine.module
     if zero3:   # peft's code-token layer reads partitioned tensors outside their modules (export, k-means)
