@@ -74,8 +74,31 @@ def partitioned_build(ds_config: dict | None, from_config: bool) -> Iterator[Any
     from transformers.integrations import HfDeepSpeedConfig
 
     hf = HfDeepSpeedConfig(ds_config)
-    with deepspeed.zero.Init(config_dict_or_path=ds_config) if from_config else contextlib.nullcontext():
-        yield hf
+    linear = torch.nn.functional.linear   # zero.Init inside from_pretrained leaves DeepSpeed's F.linear behind
+    try:
+        with deepspeed.zero.Init(config_dict_or_path=ds_config) if from_config else contextlib.nullcontext():
+            yield hf
+    finally:
+        torch.nn.functional.linear = linear
+
+
+def match_partitioned_dtype(model: nn.Module, ds_config: dict | None) -> None:
+    """Under ZeRO-3 with bf16 / fp16: cast the floating parameters and buffers that were built whole (LoRA, the
+    tokenizer's heads) to the precision of the partitioned ones. DeepSpeed casts a module only when nothing in it
+    came from ``zero.Init``; here part of it did."""
+    if not is_zero3(ds_config):
+        return
+    dtype = (torch.bfloat16 if (ds_config.get("bf16") or {}).get("enabled") is True
+             else torch.float16 if (ds_config.get("fp16") or {}).get("enabled") is True else None)
+    if dtype is None:
+        return
+    for m in model.modules():
+        for name, p in m.named_parameters(recurse=False):
+            if not hasattr(p, "ds_id") and p.is_floating_point():
+                p.data = p.data.to(dtype)
+        for name, b in m.named_buffers(recurse=False):
+            if b is not None and b.is_floating_point():
+                m._buffers[name] = b.to(dtype)
 
 
 def local_numel(p: torch.Tensor) -> int:
@@ -139,7 +162,9 @@ def _resize(model: nn.Module, n: int, ds_config: dict | None) -> None:
     if partitioned and not hasattr(model.get_input_embeddings().weight, "ds_id"):
         import deepspeed
 
-        deepspeed.zero.Init(module=model.get_input_embeddings(), config_dict_or_path=ds_config)
+        # mem_efficient_linear off: with ``module=`` DeepSpeed would otherwise swap F.linear for good
+        deepspeed.zero.Init(module=model.get_input_embeddings(), config_dict_or_path=ds_config,
+                            mem_efficient_linear=False)
 
 
 def check_encoder_path(backend: str, path: str) -> None:

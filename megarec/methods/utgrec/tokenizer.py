@@ -124,6 +124,9 @@ def build_model(cfg: UTGRecTokenizerConfig, gpu: bool = False, ds_config: dict |
                         image_token_dim=latents.token_dim if latents else 0, diffusion_width=d.diffusion_width,
                         diffusion_depth=d.diffusion_depth, num_train_timesteps=d.num_train_timesteps,
                         samples_per_token=d.samples_per_token, beta=c.beta, dead_code_steps=c.dead_code_steps)
+    from megarec.methods.utgrec.content_encoder import match_partitioned_dtype
+
+    match_partitioned_dtype(model, ds_config)
     return model, latents
 
 

@@ -41,10 +41,10 @@ def _check(cfg: TrainTokenizerConfig, run_dir: Path) -> None:
 
     if not cfg.data.shards:
         raise ConfigError("data.shards: give the item shard folder (`megarec build-shards`)")
-    check_encoder_path(cfg.utgrec.encoder.backend, cfg.utgrec.encoder.path)   # before the encoder is built
     check_run_files(cfg.train.deepspeed, cfg.train.init_from)   # before the encoder is built
     if cfg.train.finetune and not cfg.train.init_from:
         raise ConfigError("train.finetune needs train.init_from (the pre-trained tokenizer)")
+    check_encoder_path(cfg.utgrec.encoder.backend, cfg.utgrec.encoder.path)   # before the encoder is built
     if latest_tag(run_dir / "checkpoints") and not cfg.train.resume:
         raise ConfigError(f"train.run_dir {run_dir} already holds checkpoints: pass --resume to continue that run, "
                           "or choose another run_dir")
