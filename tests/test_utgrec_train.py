@@ -63,7 +63,7 @@ def test_finetuning_freezes_E_and_exports_one_domain(env, pretrained):
                             ("export.domains", "Office")]))
     before, _ = read_weights(pre_dir)
     after, meta = read_weights(run_dir)
-    assert meta["format"] == "megarec-utgrec-tokenizer/1"
+    assert meta["format"] == "megarec-utgrec-tokenizer/2"
     assert torch.equal(before["tree.root_E"], after["tree.root_E"])
     assert torch.equal(before["tree.leaf_E"], after["tree.leaf_E"])
     assert not torch.equal(before["tree.root_W"], after["tree.root_W"])

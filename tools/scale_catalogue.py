@@ -148,7 +148,6 @@ def run(work: Path, sizes: dict[str, int], *, rqvae_epochs: int = 2, t5_steps: i
     """Every stage on a catalogue of ``sizes``; returns ``{stage: {s, gb, ...}}`` plus totals."""
     from megarec.config import TokenizerConfig, load_config
     from megarec.data.code_sequences import CodeSequenceData
-    from megarec.data.code_vocab import CodeVocab
     from megarec.data.readers import read_domain
     from megarec.data.splits import leave_one_out
     from megarec.methods.evaluation import evaluate_beam

@@ -178,18 +178,22 @@ def fp32_master(p: torch.Tensor) -> torch.Tensor | None:
     return None
 
 
-def gather_state_dict(module: torch.nn.Module) -> dict[str, torch.Tensor]:
+def gather_state_dict(module: torch.nn.Module, names: Any = None) -> dict[str, torch.Tensor]:
     """Full fp32 CPU state dict on rank 0 (``{}`` elsewhere); collective under ZeRO.
 
     Low-precision parameters are exported from their fp32 master copies (:func:`fp32_master`),
     not as upcast bf16 values. Parameters are gathered one at a time, so peak memory is one
-    full parameter on top of each rank's partition.
+    full parameter on top of each rank's partition. ``names``: only these entries (the same on
+    every rank; ``None`` = all).
     """
     import deepspeed
 
     out: dict[str, torch.Tensor] = {}
     main = is_main_process()
+    keep = None if names is None else set(names)
     for name, t in module.state_dict(keep_vars=True).items():
+        if keep is not None and name not in keep:
+            continue
         master = fp32_master(t)
         if master is not None:
             if main:
@@ -203,15 +207,21 @@ def gather_state_dict(module: torch.nn.Module) -> dict[str, torch.Tensor]:
     return out
 
 
+def save_safetensors(state: dict[str, torch.Tensor], path: str | Path, metadata: dict[str, str] | None = None) -> None:
+    """Write ``state`` as one safetensors file, atomically (a run killed mid-write never leaves a truncated
+    model). Not a collective: call it on the rank that holds ``state``."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    save_file({k: v.contiguous() for k, v in state.items()}, str(tmp), metadata=metadata or {})
+    tmp.replace(path)
+
+
 def export_safetensors(module: torch.nn.Module, path: str | Path, metadata: dict[str, str] | None = None) -> None:
     """Collective: gather the full weights and write them (rank 0) as one safetensors file."""
     state = gather_state_dict(module)
     if is_main_process():
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(".tmp")
-        save_file({k: v.contiguous() for k, v in state.items()}, str(tmp), metadata=metadata or {})
-        tmp.replace(path)  # atomic: a run killed mid-write never leaves a truncated model
+        save_safetensors(state, path, metadata)
     barrier()
 
 
@@ -249,13 +259,21 @@ def read_weights(source: str | Path) -> tuple[dict[str, torch.Tensor], dict[str,
                         f"use the run's exported model/{MODEL_FILE} instead") from e
 
 
-def load_state_dict_into(module: torch.nn.Module, state: dict[str, torch.Tensor], source: str = "weights") -> None:
-    """Copy a full state dict into ``module`` (plain or ZeRO-3 partitioned); clear error on a mismatch."""
+def load_state_dict_into(module: torch.nn.Module, state: dict[str, torch.Tensor], source: str = "weights",
+                         keys: Any = None) -> None:
+    """Copy a full state dict into ``module`` (plain or ZeRO-3 partitioned); clear error on a mismatch.
+    ``keys``: load only these entries of the module (the rest stay as built; ``state`` must hold them all and
+    nothing the module lacks); ``None`` = every entry."""
     import deepspeed
 
     own = module.state_dict(keep_vars=True)
+    if keys is not None:
+        wanted = set(keys)
+        own = {k: v for k, v in own.items() if k in wanted}
+        extra = [k for k in state if k not in module.state_dict(keep_vars=True)]
+    else:
+        extra = [k for k in state if k not in own]
     missing = [k for k in own if k not in state]
-    extra = [k for k in state if k not in own]
     if missing or extra:
         raise DataError(f"{source} do not fit this model: missing {missing[:5]}, unexpected {extra[:5]} "
                         f"({len(missing)} missing, {len(extra)} unexpected)")

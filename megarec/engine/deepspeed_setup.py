@@ -98,8 +98,14 @@ def set_cpu_threads(threads: int) -> None:
     torch.set_num_threads(threads or max(1, cores // local))
 
 
-def init_distributed() -> None:
-    """Join the launcher's process group, or start a 1-rank group when run without a launcher."""
+def init_distributed(timeout_s: float | None = None) -> None:
+    """Join the launcher's process group, or start a 1-rank group when run without a launcher.
+
+    ``timeout_s``: the collective timeout of the process group (``None`` = DeepSpeed's default). A long one
+    (the tokenizer's ``train.dist_timeout_s``) lets a rank wait out a slow start or a long catalogue export
+    of the others. A group that already exists keeps its own timeout."""
+    import datetime
+
     import deepspeed
     import torch.distributed as dist
 
@@ -109,7 +115,12 @@ def init_distributed() -> None:
         os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", LOCAL_SIZE="1")
         os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
         os.environ.setdefault("MASTER_PORT", str(_free_port()))
-    deepspeed.init_distributed(verbose=False)
+    if timeout_s is None:
+        deepspeed.init_distributed(verbose=False)
+    else:
+        if timeout_s <= 0:
+            raise ConfigError(f"the collective timeout must be > 0 seconds, got {timeout_s}")
+        deepspeed.init_distributed(verbose=False, timeout=datetime.timedelta(seconds=float(timeout_s)))
     from deepspeed.accelerator import get_accelerator
 
     if get_accelerator().device_name() != "cpu":

@@ -74,29 +74,41 @@ class Batcher:
 
 @torch.no_grad()
 def encode_catalogue(module, batcher: Batcher, positions: np.ndarray, batch_size: int) -> torch.Tensor:
-    """``H' [len(positions), L, d_c]`` on every rank: each rank encodes its round-robin share (every rank runs
-    the same number of encoder passes, ZeRO-3), the shares are gathered and put back in order."""
-    from megarec.distributed import all_gather_with_grad, get_rank, get_world_size
+    """``H' [len(positions), L, d_c]`` on every rank: rank r encodes positions ``r, r + world, ...`` (every rank
+    runs the same number of encoder passes, ZeRO-3: short shares are padded with repeats), the shares are
+    padded to one length, gathered with a plain ``all_gather`` (no autograd) and put back in order."""
+    import torch.distributed as dist
+
+    from megarec.distributed import get_rank, get_world_size
     from megarec.engine.sampler import eval_batches
 
     rank, world = get_rank(), get_world_size()
+    n = len(positions)
     was = module.training
     module.eval()
     idx, out = [], []
-    for b in eval_batches(len(positions), batch_size, rank, world):
+    for b in eval_batches(n, batch_size, rank, world):
         hc = module.code_inputs(**batcher.encode_inputs(positions[b.indices]))
-        idx.append(torch.from_numpy(b.indices[:b.num_real]))
+        idx.append(b.indices[:b.num_real])
         out.append(hc[:b.num_real].float())
     module.train(was)
     dev = batcher.device
-    mine_i = torch.cat(idx).to(dev) if idx else torch.zeros(0, dtype=torch.long, device=dev)
     L, d = module.tree.num_levels, module.tree.dim
-    mine_h = torch.cat(out) if out else torch.zeros(0, L, d, device=dev)
-    all_i = all_gather_with_grad(mine_i) if world > 1 else mine_i
-    all_h = all_gather_with_grad(mine_h) if world > 1 else mine_h
-    full = torch.zeros(len(positions), L, d, device=dev)
-    full[all_i] = all_h
-    return full.cpu()
+    mine = torch.cat(out) if out else torch.zeros(0, L, d, device=dev)
+    got = np.concatenate(idx) if idx else np.zeros(0, dtype=np.int64)
+    if not np.array_equal(got, np.arange(rank, n, world)):
+        raise RuntimeError("encode_catalogue: eval_batches no longer deals positions round-robin")
+    if world == 1:
+        return mine.cpu()
+    per = -(-n // world)   # the longest share (rank 0's)
+    padded = mine.new_zeros(per, L, d)
+    padded[: mine.shape[0]] = mine
+    bufs = [torch.empty_like(padded) for _ in range(world)]
+    dist.all_gather(bufs, padded.contiguous())
+    full = torch.zeros(n, L, d)
+    for r, buf in enumerate(bufs):
+        full[r::world] = buf[: len(range(r, n, world))].cpu()
+    return full
 
 
 def codebook_stats(counts: list[torch.Tensor]) -> dict[str, float]:

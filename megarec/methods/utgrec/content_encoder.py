@@ -14,6 +14,11 @@ Two backends share one interface (:class:`ContentEncoder`):
   item text followed by the L code tokens as a second segment; same LoRA and
   code-token treatment. Images are ignored. Runs the whole method on CPU.
 
+Under a ZeRO-3 DeepSpeed config (``ds_config``) the backbone is built partitioned from the first byte:
+``HfDeepSpeedConfig`` is alive during ``from_pretrained`` (transformers then loads inside
+``deepspeed.zero.Init``), a ``random_init`` build runs inside ``deepspeed.zero.Init``, and the embedding
+resize and peft's code-token rows gather only the embedding table. No rank holds the whole frozen base.
+
 ``H`` is the last hidden state at the L code positions. ``prepare(texts, images)``
 builds CPU input tensors (call it outside ``forward``, e.g. in the data path);
 ``forward(**inputs)`` returns ``H``. ``text_targets(texts)`` tokenises item text
@@ -21,8 +26,11 @@ for the text decoder (Eq. 8) with the same tokenizer.
 """
 from __future__ import annotations
 
+import contextlib
+import json
 import re
-from typing import Any, Sequence
+from pathlib import Path
+from typing import Any, Iterator, Sequence
 
 import torch
 from torch import nn
@@ -47,9 +55,86 @@ def code_tokens(num_codes: int) -> list[str]:
     return [f"<CODE_{l + 1}>" for l in range(num_codes)]
 
 
+def is_zero3(ds_config: dict | None) -> bool:
+    return bool(ds_config) and int((ds_config.get("zero_optimization") or {}).get("stage", 0)) == 3
+
+
+@contextlib.contextmanager
+def partitioned_build(ds_config: dict | None, from_config: bool) -> Iterator[Any]:
+    """Under a ZeRO-3 ``ds_config``: keep ``transformers.integrations.HfDeepSpeedConfig`` alive for the block
+    (``from_pretrained`` and ``resize_token_embeddings`` then partition / gather by themselves) and, for a
+    build from a config (``from_config``), run it inside ``deepspeed.zero.Init``. Yields the
+    ``HfDeepSpeedConfig`` (``None`` without ZeRO-3); the caller keeps it for as long as the model lives
+    (transformers holds it through a weak reference only)."""
+    if not is_zero3(ds_config):
+        yield None
+        return
+    import deepspeed
+    from transformers.integrations import HfDeepSpeedConfig
+
+    hf = HfDeepSpeedConfig(ds_config)
+    linear = torch.nn.functional.linear   # zero.Init inside from_pretrained leaves DeepSpeed's F.linear behind
+    try:
+        with deepspeed.zero.Init(config_dict_or_path=ds_config) if from_config else contextlib.nullcontext():
+            yield hf
+    finally:
+        torch.nn.functional.linear = linear
+
+
+def match_partitioned_dtype(model: nn.Module, ds_config: dict | None) -> None:
+    """Under ZeRO-3 with bf16 / fp16: cast the floating parameters and buffers that were built whole (LoRA, the
+    tokenizer's heads) to the precision of the partitioned ones. DeepSpeed casts a module only when nothing in it
+    came from ``zero.Init``; here part of it did."""
+    if not is_zero3(ds_config):
+        return
+    dtype = (torch.bfloat16 if (ds_config.get("bf16") or {}).get("enabled") is True
+             else torch.float16 if (ds_config.get("fp16") or {}).get("enabled") is True else None)
+    if dtype is None:
+        return
+    for m in model.modules():
+        for name, p in m.named_parameters(recurse=False):
+            if not hasattr(p, "ds_id") and p.is_floating_point():
+                p.data = p.data.to(dtype)
+        for name, b in m.named_buffers(recurse=False):
+            if b is not None and b.is_floating_point():
+                m._buffers[name] = b.to(dtype)
+
+
+def local_numel(p: torch.Tensor) -> int:
+    """Elements of ``p`` this rank holds (its ZeRO-3 partition, or the whole tensor)."""
+    part = getattr(p, "ds_tensor", None)
+    return int(part.numel()) if part is not None else int(p.numel())
+
+
+def full_numel(p: torch.Tensor) -> int:
+    return int(getattr(p, "ds_numel", p.numel()))
+
+
+@contextlib.contextmanager
+def _trainable_tokens_on_partitioned(emb: nn.Module) -> Iterator[None]:
+    """peft reads the code-token rows of the input embedding when it builds ``trainable_token_indices``; under
+    ZeRO-3 its own gather assumes a CUDA device. Gather the table here on every rank instead (the one full
+    parameter, not the base) and let peft index it as an ordinary tensor."""
+    w = emb.weight
+    if not hasattr(w, "ds_id"):
+        yield
+        return
+    import deepspeed
+    from peft.tuners.trainable_tokens import layer as tt_layer
+
+    saved = tt_layer.check_deepspeed_zero3_enabled
+    tt_layer.check_deepspeed_zero3_enabled = lambda: False
+    try:
+        with deepspeed.zero.GatheredParameters([w], modifier_rank=None):
+            yield
+    finally:
+        tt_layer.check_deepspeed_zero3_enabled = saved
+
+
 def _add_lora(model: nn.Module, code_ids: list[int], r: int, alpha: int, dropout: float, targets: str) -> nn.Module:
     """Wrap ``model`` with LoRA on modules matching ``targets`` (a regex on full module names) and train only the
-    input-embedding rows ``code_ids``; every other base weight is frozen."""
+    input-embedding rows ``code_ids``; every other base weight is frozen. Works on a ZeRO-3 partitioned model
+    (the LoRA matrices are new, unpartitioned parameters: ``deepspeed.initialize`` partitions them)."""
     from peft import LoraConfig, get_peft_model
 
     emb = model.get_input_embeddings()
@@ -59,7 +144,52 @@ def _add_lora(model: nn.Module, code_ids: list[int], r: int, alpha: int, dropout
         raise DataError(f"encoder.lora_target_modules {targets!r} matches no linear layer of the content encoder")
     cfg = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=targets,
                      trainable_token_indices={emb_name: list(code_ids)})
-    return get_peft_model(model, cfg)
+    with _trainable_tokens_on_partitioned(emb):
+        return get_peft_model(model, cfg)
+
+
+def _resize(model: nn.Module, n: int, ds_config: dict | None) -> None:
+    """Grow the input embedding to ``n`` rows (Qwen's table has spare rows: usually a no-op). Under ZeRO-3 the
+    size is read from ``ds_shape``, transformers gathers the old table itself while ``HfDeepSpeedConfig``
+    lives, and the new table (which transformers allocates whole) is partitioned at once."""
+    w = model.get_input_embeddings().weight
+    partitioned = hasattr(w, "ds_shape")
+    rows = int(w.ds_shape[0]) if partitioned else int(w.shape[0])
+    if n <= rows:
+        return
+    model.resize_token_embeddings(n)
+    if partitioned and not hasattr(model.get_input_embeddings().weight, "ds_id"):
+        import deepspeed
+
+        # mem_efficient_linear off: with ``module=`` DeepSpeed would otherwise swap F.linear for good
+        deepspeed.zero.Init(module=model.get_input_embeddings(), config_dict_or_path=ds_config,
+                            mem_efficient_linear=False)
+
+
+def check_encoder_path(backend: str, path: str) -> None:
+    """A clear error, before anything is built or computed, for an ``encoder.path`` that cannot be the model:
+    a local folder that does not exist, lacks ``config.json`` or (``qwen2vl``) holds another architecture.
+    Hub ids (``org/name``, not present locally) are left to ``from_pretrained``."""
+    if backend == "text" and not path:
+        return
+    if backend == "qwen2vl" and not path:
+        raise DataError("encoder.path: give a Qwen2-VL folder or hub id (e.g. Qwen/Qwen2-VL-2B-Instruct)")
+    p = Path(path).expanduser()
+    looks_local = p.exists() or path.startswith((".", "/", "~")) or path.count("/") != 1
+    if not looks_local:
+        return
+    if not p.is_dir():
+        raise DataError(f"utgrec.encoder.path {path}: no such model folder")
+    cfg = p / "config.json"
+    if not cfg.is_file():
+        raise DataError(f"utgrec.encoder.path {path}: no config.json there (not a transformers model folder)")
+    try:
+        kind = json.loads(cfg.read_text()).get("model_type")
+    except (OSError, json.JSONDecodeError, AttributeError) as e:
+        raise DataError(f"utgrec.encoder.path {path}: config.json is not readable JSON ({e})") from e
+    if backend == "qwen2vl" and kind != "qwen2_vl":
+        raise DataError(f"utgrec.encoder.path {path}: a {kind!r} model, not Qwen2-VL (config.json model_type "
+                        "'qwen2_vl'); backend 'text' takes other encoders")
 
 
 class ContentEncoder(nn.Module):
@@ -87,6 +217,24 @@ class ContentEncoder(nn.Module):
         """Token ids ``[B, T]`` of each item text (no special tokens, at most ``max_tokens``) and their mask."""
         return self.preparer().text_targets(texts, max_tokens)
 
+    def register_zero3_params(self) -> int:
+        """Under ZeRO-3, after ``deepspeed.initialize``: tell DeepSpeed that peft's code-token layer reads the
+        embedding table and its own rows outside their modules' forward, so they are gathered whenever that
+        layer runs, inside the engine's forward or not (the catalogue export, the k-means warm start: without
+        it only an engine forward discovers them). Returns how many parameters were registered."""
+        import deepspeed
+
+        n = 0
+        for m in self.model.modules():
+            delta = getattr(m, "trainable_tokens_delta", None)
+            if delta is None or not hasattr(m, "get_base_layer"):
+                continue
+            for p in [m.get_base_layer().weight, *delta.values()]:
+                if hasattr(p, "ds_id"):
+                    deepspeed.zero.register_external_parameter(m, p)
+                    n += 1
+        return n
+
     def code_states(self, hidden: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:
         """``H [B, L, d]``: ``hidden`` at the positions of ``<CODE_1>..<CODE_L>`` (once each per row).
 
@@ -108,7 +256,8 @@ class QwenVLEncoder(ContentEncoder):
 
     def __init__(self, path: str, num_codes: int, *, random_init: bool = False, lora_r: int = 8, lora_alpha: int = 32,
                  lora_dropout: float = 0.1, lora_targets: str = "", train_vision: bool = False,
-                 max_text_tokens: int = 256, image_size: int = 224, gradient_checkpointing: bool = False) -> None:
+                 max_text_tokens: int = 256, image_size: int = 224, gradient_checkpointing: bool = False,
+                 ds_config: dict | None = None) -> None:
         super().__init__()
         from transformers import AutoConfig, AutoImageProcessor, AutoTokenizer, Qwen2VLModel
 
@@ -117,12 +266,13 @@ class QwenVLEncoder(ContentEncoder):
         self.image_processor = AutoImageProcessor.from_pretrained(path)
         self.tokenizer.add_tokens(code_tokens(num_codes), special_tokens=True)
         self.code_ids = self.tokenizer.convert_tokens_to_ids(code_tokens(num_codes))
-        if random_init:  # device_check: a Qwen2-VL-2B-sized model from its config, no weights needed
-            model = Qwen2VLModel(AutoConfig.from_pretrained(path))
-        else:
-            model = Qwen2VLModel.from_pretrained(path)
-        if len(self.tokenizer) > model.get_input_embeddings().num_embeddings:   # Qwen's table has spare rows
-            model.resize_token_embeddings(len(self.tokenizer))
+        with partitioned_build(ds_config, from_config=random_init) as hf_ds:
+            if random_init:  # device_check: a Qwen2-VL-2B-sized model from its config, no weights needed
+                model = Qwen2VLModel(AutoConfig.from_pretrained(path))
+            else:
+                model = Qwen2VLModel.from_pretrained(path)
+            _resize(model, len(self.tokenizer), ds_config)
+        self._hf_ds_config = hf_ds   # transformers' zero-3 switch lives as long as this object
         if self.tokenizer.pad_token_id is None:
             self.tokenizer.pad_token = self.tokenizer.eos_token
         self.image_token_id = model.config.image_token_id
@@ -132,7 +282,9 @@ class QwenVLEncoder(ContentEncoder):
         if gradient_checkpointing:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
             model.enable_input_require_grads()
-        self.model = _add_lora(model, self.code_ids, lora_r, lora_alpha, lora_dropout, lora_targets or QWEN_LORA_TARGETS)
+        with partitioned_build(ds_config, from_config=False):
+            self.model = _add_lora(model, self.code_ids, lora_r, lora_alpha, lora_dropout,
+                                   lora_targets or QWEN_LORA_TARGETS)
         for p in self._visual().parameters():
             p.requires_grad_(bool(train_vision))
 
@@ -181,7 +333,7 @@ class TextEncoder(ContentEncoder):
 
     def __init__(self, path: str, num_codes: int, *, random_init: bool = False, lora_r: int = 8, lora_alpha: int = 32,
                  lora_dropout: float = 0.1, lora_targets: str = "", max_text_tokens: int = 256,
-                 gradient_checkpointing: bool = False, **_: Any) -> None:
+                 gradient_checkpointing: bool = False, ds_config: dict | None = None, **_: Any) -> None:
         super().__init__()
         from transformers import AutoConfig, AutoModel, AutoTokenizer
 
@@ -196,12 +348,15 @@ class TextEncoder(ContentEncoder):
         for name in ("hidden_dropout_prob", "attention_probs_dropout_prob", "dropout", "attention_dropout"):
             if isinstance(getattr(config, name, None), float):
                 setattr(config, name, BACKBONE_DROPOUT)
-        model = AutoModel.from_config(config) if random_init else AutoModel.from_pretrained(path, config=config)
-        if len(self.tokenizer) > model.get_input_embeddings().num_embeddings:
-            model.resize_token_embeddings(len(self.tokenizer))
+        with partitioned_build(ds_config, from_config=random_init) as hf_ds:
+            model = AutoModel.from_config(config) if random_init else AutoModel.from_pretrained(path, config=config)
+            _resize(model, len(self.tokenizer), ds_config)
+        self._hf_ds_config = hf_ds
         if gradient_checkpointing:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        self.model = _add_lora(model, self.code_ids, lora_r, lora_alpha, lora_dropout, lora_targets or TEXT_LORA_TARGETS)
+        with partitioned_build(ds_config, from_config=False):
+            self.model = _add_lora(model, self.code_ids, lora_r, lora_alpha, lora_dropout,
+                                   lora_targets or TEXT_LORA_TARGETS)
 
     @property
     def hidden_size(self) -> int:
@@ -224,9 +379,8 @@ class TextEncoder(ContentEncoder):
 
 def build_content_encoder(backend: str, path: str, num_codes: int, **kwargs: Any) -> ContentEncoder:
     """``backend`` ``qwen2vl`` (:class:`QwenVLEncoder`) or ``text`` (:class:`TextEncoder`)."""
+    check_encoder_path(backend, path) if backend in BACKENDS else None
     if backend == "qwen2vl":
-        if not path:
-            raise DataError("encoder.path: give a Qwen2-VL folder or hub id (e.g. Qwen/Qwen2-VL-2B-Instruct)")
         return QwenVLEncoder(path, num_codes, **kwargs)
     if backend == "text":
         kwargs.pop("train_vision", None), kwargs.pop("image_size", None)

@@ -132,7 +132,7 @@ def tokenizer_config(cfg: "TrainRecConfig", shards: Path, run_dir: Path, setting
 
 def _tokenizer_settings(tok_cfg: Any, upstream: Sequence[str]) -> dict[str, Any]:
     d = to_dict(tok_cfg)
-    for k in ("run_dir", "progress", "cpu_threads", "resume"):
+    for k in ("run_dir", "progress", "cpu_threads", "resume", "dist_timeout_s"):
         d["train"].pop(k, None)
     d["data"].pop("shards", None)
     d["train"].pop("init_from", None)   # the upstream fingerprints stand for the files

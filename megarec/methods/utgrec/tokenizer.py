@@ -98,9 +98,13 @@ class UTGRecTokenizerConfig:
     loss: LossConfig = field(default_factory=LossConfig)
 
 
-def build_model(cfg: UTGRecTokenizerConfig, gpu: bool = False):
+def build_model(cfg: UTGRecTokenizerConfig, gpu: bool = False, ds_config: dict | None = None):
     """``(UTGRecModel, image targets)``: targets are an ``ImageLatents`` (the VAE, kept outside the model: frozen,
-    not partitioned), a ``LatentCache`` (``decoder.latents_file``) or ``None`` (no image loss)."""
+    not partitioned), a ``LatentCache`` (``decoder.latents_file``) or ``None`` (no image loss).
+
+    ``ds_config``: the resolved DeepSpeed config of the run; under ZeRO-3 the content encoder (the frozen
+    base) is built partitioned (:func:`~megarec.methods.utgrec.content_encoder.partitioned_build`). The
+    tokenizer's own heads are built whole and partitioned by ``deepspeed.initialize``."""
     from megarec.methods.utgrec.content_encoder import build_content_encoder
     from megarec.methods.utgrec.image_decoder import ImageLatents
 
@@ -110,7 +114,7 @@ def build_model(cfg: UTGRecTokenizerConfig, gpu: bool = False):
                                     lora_r=e.lora_r, lora_alpha=e.lora_alpha, lora_dropout=e.lora_dropout,
                                     lora_targets=e.lora_target_modules, train_vision=e.train_vision,
                                     max_text_tokens=e.max_text_tokens, image_size=e.image_size,
-                                    gradient_checkpointing=ckpt)
+                                    gradient_checkpointing=ckpt, ds_config=ds_config)
     d = cfg.decoder
     from megarec.methods.utgrec.latent_cache import LatentCache
 
@@ -126,6 +130,9 @@ def build_model(cfg: UTGRecTokenizerConfig, gpu: bool = False):
                         image_token_dim=latents.token_dim if latents else 0, diffusion_width=d.diffusion_width,
                         diffusion_depth=d.diffusion_depth, num_train_timesteps=d.num_train_timesteps,
                         samples_per_token=d.samples_per_token, beta=c.beta, dead_code_steps=c.dead_code_steps)
+    from megarec.methods.utgrec.content_encoder import match_partitioned_dtype
+
+    match_partitioned_dtype(model, ds_config)
     return model, latents
 
 

@@ -38,14 +38,15 @@ class TokTrainConfig:
     eval_every: int = field(500, min=1, help="steps between held-out collision rates")
     save_every_steps: int = field(500, min=1)
     keep_checkpoints: int = field(2, min=1)
-    init_from: str = field("", help="pre-trained tokenizer (model.safetensors, model or run folder, DeepSpeed "
-                                    "checkpoint) to start from")
+    init_from: str = field("", help="pre-trained tokenizer (its export folder model/ or run folder) to start "
+                                    "from; the frozen base comes from utgrec.encoder.path")
     finetune: bool = field(False, help="Sec. 2.4.2: freeze E^r, E^f (needs init_from); no codebook warm-up")
     resume: bool = field(False)
     progress: bool = field(True)
     cpu_threads: int = field(0, min=0, help="torch threads per rank on CPU (0 = cores / local ranks)")
     peak_tflops: float = field(0.0, min=0.0, help="peak TFLOP/s of one device for perf/mfu (0 = a known GPU's "
                                                   "bf16 dense peak by name; on CPU perf/mfu needs this)")
+    dist_timeout_s: int = field(3600, min=1, help="collective timeout in seconds (start-up, catalogue export)")
 
 
 @dataclasses.dataclass

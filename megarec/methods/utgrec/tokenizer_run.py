@@ -9,7 +9,11 @@ adapter and decoders trained; L fixed by the checkpoint). Afterwards the codes o
 ``export.domains`` (default: all in the shards) are assigned over the merged catalogue with the
 collision policy ``export.collisions`` (``utgrec``: unique IDs across domains) and written as a
 codes file. Run folder ``train.run_dir``: ``config.yaml``, ``checkpoints/`` (``--resume``),
-``model/`` (``model.safetensors`` + ``config.yaml``), ``codes.safetensors``, ``tb/``, ``metrics.json``.
+``model/`` (the trainable part only, :mod:`~megarec.methods.utgrec.tokenizer_files`: peft's
+``adapter_model.safetensors`` + ``adapter_config.json``, the tokenizer's ``model.safetensors``, ``config.yaml``),
+``codes.safetensors``, ``tb/``, ``metrics.json``. Under a ZeRO-3 config the content encoder is built partitioned
+(no rank holds the whole frozen base); ``--init_from`` rebuilds the base from ``utgrec.encoder.path`` and reads
+only the trainable files. ``train.dist_timeout_s`` is the collective timeout (start-up and export).
 The steps run on :class:`~megarec.engine.loop.TrainLoop` (:class:`~.tokenizer_task.TokenizerTask`).
 """
 from __future__ import annotations
@@ -19,14 +23,11 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
 
 from megarec.config import ConfigError, load_config, save_config, to_dict
 from megarec.methods.utgrec.batches import Batcher, export_codes
 from megarec.methods.utgrec.latent_cache import LatentCache
 from megarec.methods.utgrec.tokenizer_config import TrainTokenizerConfig
-
-FORMAT = "megarec-utgrec-tokenizer/1"
 PRIOR_ITEMS = 50_000   # items whose text tokens give the text decoder's initial unigram prior (a uniform sample)
 
 
@@ -35,11 +36,14 @@ def _check(cfg: TrainTokenizerConfig, run_dir: Path) -> None:
     from megarec.engine.checkpoint import latest_tag
     from megarec.engine.deepspeed_setup import check_run_files
 
+    from megarec.methods.utgrec.content_encoder import check_encoder_path
+
     if not cfg.data.shards:
         raise ConfigError("data.shards: give the item shard folder (`megarec build-shards`)")
     check_run_files(cfg.train.deepspeed, cfg.train.init_from)   # before the encoder is built
     if cfg.train.finetune and not cfg.train.init_from:
         raise ConfigError("train.finetune needs train.init_from (the pre-trained tokenizer)")
+    check_encoder_path(cfg.utgrec.encoder.backend, cfg.utgrec.encoder.path)   # before the encoder is built
     if latest_tag(run_dir / "checkpoints") and not cfg.train.resume:
         raise ConfigError(f"train.run_dir {run_dir} already holds checkpoints: pass --resume to continue that run, "
                           "or choose another run_dir")
@@ -55,17 +59,19 @@ def _check(cfg: TrainTokenizerConfig, run_dir: Path) -> None:
 def run(cfg: TrainTokenizerConfig) -> dict[str, Any]:
     """Train (if any steps), export weights and codes; returns the content of ``metrics.json`` (every rank)."""
     from megarec.distributed import barrier, get_logger, get_rank, get_world_size, is_main_process
-    from megarec.engine.checkpoint import MODEL_FILE, export_safetensors, load_state_dict_into, read_weights, write_json
+    from megarec.engine.checkpoint import write_json
     from megarec.engine.deepspeed_setup import (WarmupCosine, accelerator_name, build_engine, device,
                                                 init_distributed, resolve_ds_config, seed_everything,
                                                 set_cpu_threads)
     from megarec.engine.loop import LoopSettings, TrainLoop
     from megarec.methods.utgrec.data_path import TrainBatchMaker, check_data, resolve_latents, train_loader
     from megarec.methods.utgrec.item_lookup import ItemLookup
+    from megarec.methods.utgrec.content_encoder import full_numel, is_zero3
     from megarec.methods.utgrec.tokenizer import build_model, freeze_for_finetuning
+    from megarec.methods.utgrec.tokenizer_files import export_tokenizer, load_tokenizer
     from megarec.methods.utgrec.tokenizer_task import TokenizerTask
 
-    init_distributed()
+    init_distributed(cfg.train.dist_timeout_s)
     set_cpu_threads(cfg.train.cpu_threads)
     log = get_logger("megarec.train_tokenizer")
     run_dir = Path(cfg.train.run_dir)
@@ -74,33 +80,37 @@ def run(cfg: TrainTokenizerConfig) -> dict[str, Any]:
     dev = device()
     lookup = ItemLookup(cfg.data.shards, cfg.data.text_fields)
     check_data(cfg, lookup)   # images / latents file as the config asks, before anything is built
+    ds_cfg = resolve_ds_config(cfg.train.deepspeed or None, micro_batch_size=cfg.train.batch_size, lr=cfg.train.lr,
+                               weight_decay=cfg.train.weight_decay)
+    zero3 = is_zero3(ds_cfg)
     seed_everything(cfg.train.seed)
-    model, latents = build_model(cfg.utgrec, gpu=accelerator_name() != "cpu")   # same seed: same weights everywhere
+    model, latents = build_model(cfg.utgrec, gpu=accelerator_name() != "cpu",   # same seed: same weights everywhere
+                                 ds_config=ds_cfg)                             # ZeRO-3: partitioned from load on
     if latents is not None and not isinstance(latents, LatentCache):
         latents.to(dev)
     if not cfg.train.init_from:   # text decoder starts at the catalogue's token marginal (same on every rank)
         prior_items = np.random.default_rng(cfg.train.seed).permutation(len(lookup))[:PRIOR_ITEMS]
         model.init_text_prior([lookup.text(int(i)) for i in np.sort(prior_items)])
-    if cfg.train.init_from:
-        state, _ = read_weights(cfg.train.init_from)
-        load_state_dict_into(model, state, source=cfg.train.init_from)
-        log.info("initialised from %s", cfg.train.init_from)
+    if cfg.train.init_from:   # the trainable part only; the base is the one built from utgrec.encoder.path
+        load_tokenizer(model, cfg.train.init_from)
+        log.info("initialised from %s (base from %s)", cfg.train.init_from, cfg.utgrec.encoder.path or "default")
     if cfg.train.finetune:
         freeze_for_finetuning(model)
     seed_everything(cfg.train.seed + 1000 * rank)   # per-rank dropout / diffusion-noise streams
     latents = resolve_latents(cfg, latents, lookup, dev)   # the catalogue's VAE latents, once (every rank a slice)
     maker = TrainBatchMaker.for_config(cfg, model.encoder.preparer(), lookup, latents, rank)
     ds, loader = train_loader(cfg, maker)   # anchors + positives prepared in data.num_workers workers
-    ds_cfg = resolve_ds_config(cfg.train.deepspeed or None, micro_batch_size=cfg.train.batch_size, lr=cfg.train.lr,
-                               weight_decay=cfg.train.weight_decay)
     accumulation = int(ds_cfg["gradient_accumulation_steps"])
     total = cfg.train.max_steps or cfg.train.epochs * len(ds) // accumulation   # optimizer steps
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    trainable = sum(full_numel(p) for p in model.parameters() if p.requires_grad)
     log.info("utgrec tokenizer: %d items, %d ranks, ZeRO stage %s, bf16 %s, %d steps, %d trainable of %d parameters",
              len(lookup), world, ds_cfg.get("zero_optimization", {}).get("stage", 0),
-             ds_cfg.get("bf16", {}).get("enabled", False), total, trainable, sum(p.numel() for p in model.parameters()))
+             ds_cfg.get("bf16", {}).get("enabled", False), total, trainable,
+             sum(full_numel(p) for p in model.parameters()))
     engine = build_engine(model, ds_cfg, WarmupCosine(cfg.train.warmup_steps, max(total, 1), cfg.train.min_lr_ratio))
     module = engine.module
+    if zero3:   # peft's code-token layer reads partitioned tensors outside their modules (export, k-means)
+        module.encoder.register_zero3_params()
     if is_main_process():
         (run_dir / "model").mkdir(parents=True, exist_ok=True)
         save_config(cfg, run_dir / "config.yaml")
@@ -116,7 +126,7 @@ def run(cfg: TrainTokenizerConfig) -> dict[str, Any]:
         loop.resume()
     state = loop.fit()
 
-    export_safetensors(module, run_dir / "model" / MODEL_FILE, {"format": FORMAT, "config": json.dumps(to_dict(cfg))})
+    export_tokenizer(module, run_dir / "model", {"config": json.dumps(to_dict(cfg))})
     result: dict[str, Any] = {"method": cfg.method, "global_step": state["global_step"], "train_s": state["train_s"],
                               "resumed_from_step": state["resumed_from_step"], "last": task.last,
                               "bad_samples": loader.bad_samples + batcher.bad_images,
@@ -127,4 +137,8 @@ def run(cfg: TrainTokenizerConfig) -> dict[str, Any]:
         result["codes"] = None if codes is None else {k: v for k, v in codes.stats.items() if k != "levels_before"}
     write_json(run_dir / "metrics.json", result)
     barrier()
+    if zero3:   # transformers' ZeRO-3 switch off again for whatever this process builds next
+        from transformers.integrations.deepspeed import unset_hf_deepspeed_config
+
+        unset_hf_deepspeed_config()
     return result
