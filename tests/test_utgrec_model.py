@@ -50,6 +50,27 @@ def test_qwen_encoder_loads_from_disk_with_lora_and_code_rows(qwen):
     assert emb and not any(p.requires_grad for p in emb)                   # the 151k-row table stays frozen
 
 
+def test_a_local_model_folder_is_loaded_without_hub_lookups(paths, monkeypatch):
+    """Every rank of a SLURM job loads the encoder: from a local folder with ``local_files_only`` (no hub
+    request from any rank); a hub id is left to the hub."""
+    import transformers
+
+    from megarec.methods.utgrec.content_encoder import QwenVLEncoder, local_only
+
+    assert local_only(str(paths[0])) == {"local_files_only": True} and local_only("Qwen/Qwen2-VL-2B-Instruct") == {}
+    seen = []
+    orig = transformers.Qwen2VLModel.from_pretrained.__func__
+
+    def spy(cls, path, *a, **kw):
+        seen.append(kw.get("local_files_only"))
+        return orig(cls, path, *a, **kw)
+
+    monkeypatch.setattr(transformers.Qwen2VLModel, "from_pretrained", classmethod(spy))
+    monkeypatch.setenv("HF_ENDPOINT", "http://127.0.0.1:9")   # nothing listens: a hub request would fail
+    QwenVLEncoder(str(paths[0]), 3, max_text_tokens=16)
+    assert seen == [True]
+
+
 def test_qwen_encoder_prompts_and_code_states(qwen):
     ims = _images(4)
     images = [ims[0], None, ims[2], None]

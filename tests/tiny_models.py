@@ -47,12 +47,14 @@ QWEN2VL_2B_VISION = dict(depth=32, embed_dim=1280, hidden_size=1536, num_heads=1
 
 
 def save_qwen2vl_config(path: Path, text: dict | None = None, vision: dict | None = None,
-                        image_pixels: tuple[int, int] = (28 * 28, 224 * 224)) -> Path:
+                        image_pixels: tuple[int, int] = (28 * 28, 224 * 224), tokenizer_size: int | None = None) -> Path:
     """A Qwen2-VL folder without weights: config.json (default Qwen2-VL-2B's sizes), the word-level tokenizer and
-    image processor of :func:`save_tiny_qwen2vl`; load it with ``utgrec.encoder.random_init true``."""
+    image processor of :func:`save_tiny_qwen2vl`; load it with ``utgrec.encoder.random_init true``.
+    ``tokenizer_size``: pad the tokenizer's vocabulary with filler words to that many tokens (Qwen2-VL's
+    151,646 makes the text decoder's output layer its real size)."""
     from transformers import Qwen2VLConfig
 
-    fast = _tiny_qwen_tokenizer(path, 400, image_pixels)
+    fast = _tiny_qwen_tokenizer(path, 400, image_pixels, tokenizer_size)
     ids = fast.convert_tokens_to_ids
     t = dict(QWEN2VL_2B_TEXT if text is None else text)
     t.setdefault("rope_parameters", {"rope_type": "default", "rope_theta": 1000000.0, "mrope_section": [16, 24, 24]})
@@ -64,7 +66,7 @@ def save_qwen2vl_config(path: Path, text: dict | None = None, vision: dict | Non
     return path
 
 
-def _tiny_qwen_tokenizer(path: Path, vocab_size: int, image_pixels: tuple[int, int]):
+def _tiny_qwen_tokenizer(path: Path, vocab_size: int, image_pixels: tuple[int, int], pad_to: int | None = None):
     from tokenizers import Tokenizer, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
     from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
@@ -73,6 +75,11 @@ def _tiny_qwen_tokenizer(path: Path, vocab_size: int, image_pixels: tuple[int, i
     tok.pre_tokenizer = pre_tokenizers.Whitespace()
     tok.train_from_iterator(_sample_texts(), trainers.WordLevelTrainer(vocab_size=vocab_size,
                                                                        special_tokens=["<unk>"] + QWEN_SPECIALS))
+    if pad_to is not None and pad_to > tok.get_vocab_size():
+        vocab = tok.get_vocab()
+        vocab.update({f"w{i}": i for i in range(len(vocab), pad_to)})
+        tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+        tok.pre_tokenizer = pre_tokenizers.Whitespace()
     fast = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", pad_token="<|endoftext|>",
                                    eos_token="<|im_end|>", additional_special_tokens=QWEN_SPECIALS[1:])
     fast.save_pretrained(path)

@@ -93,7 +93,8 @@ def main(argv: list[str] | None = None) -> dict:
         if "tokenizer" in parts:
             import scale_tokenizer
 
-            out["tokenizer"] = scale_tokenizer.run(work / "tokenizer", quick=args.quick)
+            size = "tiny" if args.tiny else "quick" if args.quick else "paper"
+            out["tokenizer"] = scale_tokenizer.run(work / "tokenizer", size=size)
             print(scale_tokenizer.table(out["tokenizer"]))
     out["wall_s"] = round(time.time() - t0, 1)
     if args.json:

@@ -27,6 +27,7 @@ Used by ``tools/bench_scale.py`` beside measured figures, and to choose a ZeRO c
 """
 from __future__ import annotations
 
+import resource
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -170,3 +171,19 @@ def transformer_activations(layers: int, tokens: int, hidden: int, heads: int, *
     if checkpointing:
         return layers * tokens * hidden * bytes_per + per_layer
     return layers * per_layer
+
+
+def host_peak_gb() -> float:
+    """This process's resident-memory high-water mark so far (Linux ``ru_maxrss``), in GB."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / GB
+
+
+def gather_host_peaks(values: list[float]) -> list[list[float]]:
+    """Every rank's ``values`` (e.g. its load and run peaks), on every rank, in rank order; a collective."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()):
+        return [list(values)]
+    out: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(out, list(values))
+    return out

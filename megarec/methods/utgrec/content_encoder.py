@@ -51,6 +51,14 @@ BACKENDS = ("qwen2vl", "text")
 BACKBONE_DROPOUT = 0.0
 
 
+def local_only(path: str) -> dict[str, bool]:
+    """``from_pretrained`` keywords for ``path``: a local folder never asks a hub (16 ranks of a SLURM job would
+    otherwise each send look-ups at start-up, and an offline cluster waits for their time-outs)."""
+    from pathlib import Path
+
+    return {"local_files_only": True} if Path(path).is_dir() else {}
+
+
 def code_tokens(num_codes: int) -> list[str]:
     return [f"<CODE_{l + 1}>" for l in range(num_codes)]
 
@@ -157,7 +165,9 @@ def _resize(model: nn.Module, n: int, ds_config: dict | None) -> None:
     rows = int(w.ds_shape[0]) if partitioned else int(w.shape[0])
     if n <= rows:
         return
-    model.resize_token_embeddings(n)
+    # transformers' mean-initialisation of the new rows indexes the partitioned (1-D) shard under ZeRO-3: plain
+    # init there (the code rows are trained from the start anyway)
+    model.resize_token_embeddings(n, mean_resizing=not partitioned)
     if partitioned and not hasattr(model.get_input_embeddings().weight, "ds_id"):
         import deepspeed
 
@@ -262,15 +272,16 @@ class QwenVLEncoder(ContentEncoder):
         from transformers import AutoConfig, AutoImageProcessor, AutoTokenizer, Qwen2VLModel
 
         self.num_codes, self.max_text_tokens, self.image_size = num_codes, max_text_tokens, image_size
-        self.tokenizer = AutoTokenizer.from_pretrained(path)
-        self.image_processor = AutoImageProcessor.from_pretrained(path)
+        local = local_only(path)
+        self.tokenizer = AutoTokenizer.from_pretrained(path, **local)
+        self.image_processor = AutoImageProcessor.from_pretrained(path, **local)
         self.tokenizer.add_tokens(code_tokens(num_codes), special_tokens=True)
         self.code_ids = self.tokenizer.convert_tokens_to_ids(code_tokens(num_codes))
         with partitioned_build(ds_config, from_config=random_init) as hf_ds:
             if random_init:  # device_check: a Qwen2-VL-2B-sized model from its config, no weights needed
-                model = Qwen2VLModel(AutoConfig.from_pretrained(path))
+                model = Qwen2VLModel(AutoConfig.from_pretrained(path, **local))
             else:
-                model = Qwen2VLModel.from_pretrained(path)
+                model = Qwen2VLModel.from_pretrained(path, **local)
             _resize(model, len(self.tokenizer), ds_config)
         self._hf_ds_config = hf_ds   # transformers' zero-3 switch lives as long as this object
         if self.tokenizer.pad_token_id is None:
@@ -341,15 +352,16 @@ class TextEncoder(ContentEncoder):
 
         path = path or str(default_encoder_path())
         self.num_codes, self.max_text_tokens = num_codes, max_text_tokens
-        self.tokenizer = AutoTokenizer.from_pretrained(path)
+        local = local_only(path)
+        self.tokenizer = AutoTokenizer.from_pretrained(path, **local)
         self.tokenizer.add_tokens(code_tokens(num_codes), special_tokens=True)
         self.code_ids = self.tokenizer.convert_tokens_to_ids(code_tokens(num_codes))
-        config = AutoConfig.from_pretrained(path)
+        config = AutoConfig.from_pretrained(path, **local)
         for name in ("hidden_dropout_prob", "attention_probs_dropout_prob", "dropout", "attention_dropout"):
             if isinstance(getattr(config, name, None), float):
                 setattr(config, name, BACKBONE_DROPOUT)
         with partitioned_build(ds_config, from_config=random_init) as hf_ds:
-            model = AutoModel.from_config(config) if random_init else AutoModel.from_pretrained(path, config=config)
+            model = AutoModel.from_config(config) if random_init else AutoModel.from_pretrained(path, config=config, **local)
             _resize(model, len(self.tokenizer), ds_config)
         self._hf_ds_config = hf_ds
         if gradient_checkpointing:

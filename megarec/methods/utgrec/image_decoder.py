@@ -30,7 +30,9 @@ class ImageLatents(nn.Module):
         super().__init__()
         from diffusers import AutoencoderKL
 
-        self.vae = AutoencoderKL.from_pretrained(path).eval().requires_grad_(False)
+        from megarec.methods.utgrec.content_encoder import local_only
+
+        self.vae = AutoencoderKL.from_pretrained(path, **local_only(path)).eval().requires_grad_(False)
         self.image_size, self.patch = int(image_size), int(patch)
         down = 2 ** (len(self.vae.config.block_out_channels) - 1)
         side = self.image_size // down

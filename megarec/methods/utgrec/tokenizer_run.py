@@ -64,6 +64,7 @@ def run(cfg: TrainTokenizerConfig) -> dict[str, Any]:
                                                 init_distributed, resolve_ds_config, seed_everything,
                                                 set_cpu_threads)
     from megarec.engine.loop import LoopSettings, TrainLoop
+    from megarec.engine.memory_model import gather_host_peaks, host_peak_gb
     from megarec.methods.utgrec.data_path import TrainBatchMaker, check_data, resolve_latents, train_loader
     from megarec.methods.utgrec.item_lookup import ItemLookup
     from megarec.methods.utgrec.content_encoder import full_numel, is_zero3
@@ -109,6 +110,7 @@ def run(cfg: TrainTokenizerConfig) -> dict[str, Any]:
              sum(full_numel(p) for p in model.parameters()))
     engine = build_engine(model, ds_cfg, WarmupCosine(cfg.train.warmup_steps, max(total, 1), cfg.train.min_lr_ratio))
     module = engine.module
+    load_peak_gb = host_peak_gb()   # the model built and partitioned, nothing trained yet
     if zero3:   # peft's code-token layer reads partitioned tensors outside their modules (export, k-means)
         module.encoder.register_zero3_params()
     if is_main_process():
@@ -135,6 +137,9 @@ def run(cfg: TrainTokenizerConfig) -> dict[str, Any]:
         codes = export_codes(module, batcher, lookup, cfg.export.domains, cfg.export.collisions,
                              cfg.export.batch_size, run_dir / "codes.safetensors")
         result["codes"] = None if codes is None else {k: v for k, v in codes.stats.items() if k != "levels_before"}
+    peaks = gather_host_peaks([load_peak_gb, host_peak_gb()])
+    result["memory"] = {"load_peak_gb": [round(p[0], 3) for p in peaks], "host_peak_gb": [round(p[1], 3) for p in peaks],
+                        "parameters": {"trainable": trainable, "total": sum(full_numel(p) for p in model.parameters())}}
     write_json(run_dir / "metrics.json", result)
     barrier()
     if zero3:   # transformers' ZeRO-3 switch off again for whatever this process builds next
