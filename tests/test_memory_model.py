@@ -81,3 +81,10 @@ def test_count_params_reads_partitioned_sizes():
     lin.weight.ds_numel = 100
     assert count_params(lin).total == 110
     assert GB == 2 ** 30
+
+
+def test_torch_adam_foreach_temporaries_are_counted():
+    counts = ParamCounts(trainable=1_000_000, frozen=0)
+    plain = predict(counts, ZeroSettings(stage=3), 2)
+    cpu = predict(counts, ZeroSettings(stage=3), 2, torch_adam=True)
+    assert cpu.optimizer - plain.optimizer == 8 * 1_000_000 / 2 and cpu.notes

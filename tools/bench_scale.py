@@ -63,9 +63,21 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--json", default="", help="write the results here")
     ap.add_argument("--work", default="", help="scratch folder (default: a temporary one, removed)")
     ap.add_argument("--threads", type=int, default=1, help="torch threads of the catalogue part")
+    ap.add_argument("--render", nargs="+", default=None, metavar="JSON",
+                    help="print the tables of earlier runs' JSON files (the README's tables) and exit")
     ap.add_argument("--rqvae-epochs", type=int, default=2)
     ap.add_argument("--t5-steps", type=int, default=10)
     args = ap.parse_args(argv)
+    if args.render:
+        import scale_tokenizer
+
+        for path in args.render:
+            res = json.loads(Path(path).read_text())
+            if "catalogue" in res:
+                print(catalogue_table(res["catalogue"]))
+            if "tokenizer" in res:
+                print(scale_tokenizer.table(res["tokenizer"]))
+        return {}
     parts = [p for p in args.parts.split(",") if p]
     unknown = [p for p in parts if p not in PARTS]
     if unknown:
@@ -73,7 +85,11 @@ def main(argv: list[str] | None = None) -> dict:
     import torch
 
     torch.set_num_threads(args.threads)
-    out: dict = {"quick": args.quick, "cpu": cpu_summary(), "torch_threads": args.threads}
+    from megarec.results import commit_of
+
+    out: dict = {"quick": args.quick, "tiny": args.tiny, "cpu": cpu_summary(), "torch_threads": args.threads,
+                 "command": " ".join(["python", "tools/bench_scale.py", *(argv if argv is not None else sys.argv[1:])]),
+                 **commit_of(Path(__file__))}
     t0 = time.time()
     with tempfile.TemporaryDirectory(dir=args.work or None) as tmp:
         work = Path(args.work) if args.work else Path(tmp)

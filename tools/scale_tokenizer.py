@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -62,18 +63,38 @@ def prepare(work: Path, s: dict[str, Any]) -> tuple[Path, Path, Path]:
     vae = save_tiny_vae(work / "vae")
     domains = [read_domain(p) for p in write_sample_domains(work / "domains", s["items"])]
     shards = work / "shards"
-    write_shards(domains, shards, max_count=8, images="placeholder", placeholder_size=500)
+    write_shards(domains, shards, max_count=8, images="placeholder", placeholder_size=500, overwrite=True)
     return qwen, vae, shards
 
 
-def overrides(qwen: Path, vae: Path, shards: Path, s: dict[str, Any], run_dir: Path) -> list[str]:
+def cpu_has_bf16() -> bool:
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def ds_config(work: Path, bf16: bool) -> Path:
+    """``ds_configs/zero3.json``, with bf16 switched on where the CPU has bf16 units (AVX512-BF16 / AMX: a 2B step
+    then takes minutes; on AVX2 alone bf16 is ~30x slower than fp32, so fp32 there)."""
+    cfg = json.loads((REPO / "ds_configs" / "zero3.json").read_text())
+    cfg["bf16"] = {"enabled": bool(bf16)}
+    path = work / ("zero3_bf16.json" if bf16 else "zero3_fp32.json")
+    path.write_text(json.dumps(cfg, indent=2))
+    return path
+
+
+def overrides(qwen: Path, vae: Path, shards: Path, s: dict[str, Any], run_dir: Path,
+              deepspeed: Path | None = None) -> list[str]:
     o = {"utgrec.encoder.path": qwen, "utgrec.encoder.random_init": "true",
          "utgrec.encoder.gradient_checkpointing": "on", "utgrec.encoder.image_size": 224,
          "utgrec.encoder.max_text_tokens": s["text_tokens"], "utgrec.decoder.max_text_tokens": s["text_tokens"],
          "utgrec.decoder.vae_path": vae, "utgrec.decoder.vae_image_size": 64, "data.shards": shards,
          "data.num_workers": 1, "data.heldout_items": 0, "train.batch_size": s["batch"], "train.max_steps": s["steps"],
          "train.log_every": 1, "train.save_every_steps": 1000, "train.progress": "false", "train.cpu_threads": 1,
-         "train.deepspeed": REPO / "ds_configs" / "zero3.json", "export.batch_size": 2, "train.run_dir": run_dir}
+         "train.deepspeed": deepspeed or REPO / "ds_configs" / "zero3.json", "export.batch_size": 2,
+         "train.run_dir": run_dir}
     return [x for k, v in o.items() for x in (f"--{k}", str(v))]
 
 
@@ -108,7 +129,7 @@ def baseline_gb() -> float:
 
 
 def predictions(metrics: dict, s: dict[str, Any], world: int, runtime_gb: float, bf16: bool = False,
-                batch: int | None = None) -> dict[str, float]:
+                batch: int | None = None, torch_adam: bool = True) -> dict[str, float]:
     from megarec.engine.memory_model import GB, ParamCounts, ZeroSettings, predict, transformer_activations
 
     p = metrics["memory"]["parameters"]
@@ -121,7 +142,7 @@ def predictions(metrics: dict, s: dict[str, Any], world: int, runtime_gb: float,
     act = transformer_activations(t["num_hidden_layers"], 2 * b * seq, t["hidden_size"], t["num_attention_heads"],
                                   seq=seq, bytes_per=2 if bf16 else 4, checkpointing=True,
                                   ffn_ratio=1.5 * t["intermediate_size"] / t["hidden_size"])   # SwiGLU: 3 matrices
-    est = predict(counts, zero, world, activations=act, runtime=runtime_gb * GB)
+    est = predict(counts, zero, world, activations=act, runtime=runtime_gb * GB, torch_adam=torch_adam)
     return est.gb()
 
 
@@ -131,17 +152,21 @@ def run(work: Path, size: str = "paper", quick: bool = False, ranks: tuple[int, 
     s = sizes(size)
     work.mkdir(parents=True, exist_ok=True)
     qwen, vae, shards = prepare(work, s)
-    out: dict[str, Any] = {"size": size, "batch_per_rank": s["batch"], "steps": s["steps"],
+    bf16 = cpu_has_bf16()
+    dsc = ds_config(work, bf16)
+    out: dict[str, Any] = {"size": size, "batch_per_rank": s["batch"], "steps": s["steps"], "bf16": bf16,
                            "baseline_gb": round(baseline_gb(), 3)}
     for world in ranks:
         pre, ft = work / f"pre{world}", work / f"ft{world}"
-        wall_pre = launch(world, overrides(qwen, vae, shards, s, pre), work / f"pre{world}.log", timeout)
-        wall_ft = launch(world, overrides(qwen, vae, shards, s, ft) + [
+        for d in (pre, ft):   # a rerun starts over (train_tokenizer refuses a folder with checkpoints)
+            shutil.rmtree(d, ignore_errors=True)
+        wall_pre = launch(world, overrides(qwen, vae, shards, s, pre, dsc), work / f"pre{world}.log", timeout)
+        wall_ft = launch(world, overrides(qwen, vae, shards, s, ft, dsc) + [
             "--train.init_from", str(pre), "--train.finetune", "true", "--train.max_steps", str(s["finetune_steps"]),
             "--train.lr", "1e-4"], work / f"ft{world}.log", timeout)
         m_pre = json.loads((pre / "metrics.json").read_text())
         m_ft = json.loads((ft / "metrics.json").read_text())
-        pred = predictions(m_pre, s, world, out["baseline_gb"])
+        pred = predictions(m_pre, s, world, out["baseline_gb"], bf16=bf16)
         out[f"ranks{world}"] = {
             "load_peak_gb": m_pre["memory"]["load_peak_gb"], "host_peak_gb": m_pre["memory"]["host_peak_gb"],
             "finetune_load_peak_gb": m_ft["memory"]["load_peak_gb"],
@@ -154,8 +179,8 @@ def run(work: Path, size: str = "paper", quick: bool = False, ranks: tuple[int, 
         one, two = out["ranks1"]["load_peak_gb"][0], max(out["ranks2"]["load_peak_gb"])
         out["load_peak_ratio_2_over_1"] = round(two / one, 3)
     metrics = json.loads((work / f"pre{ranks[0]}" / "metrics.json").read_text())
-    out["predicted_gpu"] = {f"gpus{n}_batch16_bf16": predictions(metrics, s, n, 0.0, bf16=True, batch=16)
-                            for n in (8, 16)}
+    out["predicted_gpu"] = {f"gpus{n}_batch16_bf16": predictions(metrics, s, n, 0.0, bf16=True, batch=16,
+                                                                 torch_adam=False) for n in (8, 16)}
     return out
 
 

@@ -123,8 +123,12 @@ class MemoryEstimate:
 
 
 def predict(counts: ParamCounts, zero: ZeroSettings, world: int, *, activations: float = 0.0,
-            runtime: float = 0.0) -> MemoryEstimate:
-    """Per-rank bytes of ``counts`` trained with AdamW under ``zero`` at ``world`` ranks (module docstring)."""
+            runtime: float = 0.0, torch_adam: bool = False) -> MemoryEstimate:
+    """Per-rank bytes of ``counts`` trained with AdamW under ``zero`` at ``world`` ranks (module docstring).
+
+    ``torch_adam``: torch's AdamW (DeepSpeed's choice on CPU ranks) steps with ``foreach`` kernels that hold
+    about two fp32 copies of the rank's trainable partition while they run (``8 T / N`` more at the step);
+    the fused GPU optimisers step in place."""
     if world < 1:
         raise ValueError(f"world must be >= 1, got {world}")
     if zero.stage not in (0, 1, 2, 3):
@@ -149,6 +153,9 @@ def predict(counts: ParamCounts, zero: ZeroSettings, world: int, *, activations:
         optimizer = 8 * T + (4 * T if zero.bf16 else 0)
     else:
         optimizer = 12 * T / world
+    if torch_adam:
+        optimizer += 8 * T / (world if zero.stage >= 1 else 1)
+        notes.append("torch AdamW foreach temporaries at the step")
     offloaded = 0.0
     if zero.offload_optimizer and zero.stage >= 1:
         offloaded += optimizer

@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 
 from megarec.config import ConfigError, load_config, save_config, to_dict
 from megarec.methods.utgrec.batches import Batcher, export_codes
@@ -137,8 +138,10 @@ def run(cfg: TrainTokenizerConfig) -> dict[str, Any]:
         codes = export_codes(module, batcher, lookup, cfg.export.domains, cfg.export.collisions,
                              cfg.export.batch_size, run_dir / "codes.safetensors")
         result["codes"] = None if codes is None else {k: v for k, v in codes.stats.items() if k != "levels_before"}
-    peaks = gather_host_peaks([load_peak_gb, host_peak_gb()])
+    device_gb = torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else 0.0
+    peaks = gather_host_peaks([load_peak_gb, host_peak_gb(), device_gb])
     result["memory"] = {"load_peak_gb": [round(p[0], 3) for p in peaks], "host_peak_gb": [round(p[1], 3) for p in peaks],
+                        "device_peak_gb": [round(p[2], 3) for p in peaks],
                         "parameters": {"trainable": trainable, "total": sum(full_numel(p) for p in model.parameters())}}
     write_json(run_dir / "metrics.json", result)
     barrier()
