@@ -65,6 +65,7 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--threads", type=int, default=1, help="torch threads of the catalogue part")
     ap.add_argument("--render", nargs="+", default=None, metavar="JSON",
                     help="print the tables of earlier runs' JSON files (the README's tables) and exit")
+    ap.add_argument("--reuse", action="store_true", help="tokenizer: keep finished runs in --work, run the rest")
     ap.add_argument("--rqvae-epochs", type=int, default=2)
     ap.add_argument("--t5-steps", type=int, default=10)
     args = ap.parse_args(argv)
@@ -110,7 +111,7 @@ def main(argv: list[str] | None = None) -> dict:
             import scale_tokenizer
 
             size = "tiny" if args.tiny else "quick" if args.quick else "paper"
-            out["tokenizer"] = scale_tokenizer.run(work / "tokenizer", size=size)
+            out["tokenizer"] = scale_tokenizer.run(work / "tokenizer", size=size, reuse=args.reuse)
             print(scale_tokenizer.table(out["tokenizer"]))
     out["wall_s"] = round(time.time() - t0, 1)
     if args.json:

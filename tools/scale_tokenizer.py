@@ -147,23 +147,34 @@ def predictions(metrics: dict, s: dict[str, Any], world: int, runtime_gb: float,
 
 
 def run(work: Path, size: str = "paper", quick: bool = False, ranks: tuple[int, ...] = (1, 2),
-        timeout: float = 3600) -> dict[str, Any]:
+        timeout: float = 3600, reuse: bool = False) -> dict[str, Any]:
+    """``reuse``: keep the runs of a rank count whose pre-training and fine-tune both finished (e.g. after the
+    other rank count ran out of memory), run the others."""
     size = "quick" if quick and size == "paper" else size
     s = sizes(size)
     work.mkdir(parents=True, exist_ok=True)
-    qwen, vae, shards = prepare(work, s)
+    if reuse and (work / "qwen2vl").is_dir():
+        qwen, vae, shards = work / "qwen2vl", work / "vae", work / "shards"
+    else:
+        qwen, vae, shards = prepare(work, s)
     bf16 = cpu_has_bf16()
     dsc = ds_config(work, bf16)
     out: dict[str, Any] = {"size": size, "batch_per_rank": s["batch"], "steps": s["steps"], "bf16": bf16,
                            "baseline_gb": round(baseline_gb(), 3)}
     for world in ranks:
         pre, ft = work / f"pre{world}", work / f"ft{world}"
-        for d in (pre, ft):   # a rerun starts over (train_tokenizer refuses a folder with checkpoints)
-            shutil.rmtree(d, ignore_errors=True)
-        wall_pre = launch(world, overrides(qwen, vae, shards, s, pre, dsc), work / f"pre{world}.log", timeout)
-        wall_ft = launch(world, overrides(qwen, vae, shards, s, ft, dsc) + [
-            "--train.init_from", str(pre), "--train.finetune", "true", "--train.max_steps", str(s["finetune_steps"]),
-            "--train.lr", "1e-4"], work / f"ft{world}.log", timeout)
+        done = reuse and (pre / "metrics.json").is_file() and (ft / "metrics.json").is_file()
+        wall_pre = wall_ft = 0.0
+        if not done:
+            for d in (pre, ft):   # a rerun starts over (train_tokenizer refuses a folder with checkpoints)
+                shutil.rmtree(d, ignore_errors=True)
+            # data.num_workers 0: a worker is a forked copy of the rank; two 2B ranks + workers exceed 24 GB
+            wall_pre = launch(world, overrides(qwen, vae, shards, s, pre, dsc) + ["--data.num_workers", "0"],
+                              work / f"pre{world}.log", timeout)
+            wall_ft = launch(world, overrides(qwen, vae, shards, s, ft, dsc) + [
+                "--train.init_from", str(pre), "--train.finetune", "true", "--train.max_steps",
+                str(s["finetune_steps"]), "--train.lr", "1e-4", "--data.num_workers", "0"], work / f"ft{world}.log",
+                timeout)
         m_pre = json.loads((pre / "metrics.json").read_text())
         m_ft = json.loads((ft / "metrics.json").read_text())
         pred = predictions(m_pre, s, world, out["baseline_gb"], bf16=bf16)
