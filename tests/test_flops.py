@@ -18,6 +18,16 @@ def _mlp():
     return first, second
 
 
+@pytest.fixture(autouse=True)
+def torch_linear(monkeypatch):
+    """Count against torch's own ``F.linear``: an in-process ZeRO-3 engine built by an earlier test of the same
+    worker may have left DeepSpeed's memory-efficient linear (an autograd Function whose recompute runs
+    without grad mode) in its place. Our ZeRO-3 configs set ``memory_efficient_linear: false``."""
+    import torch.nn.functional as F
+
+    monkeypatch.setattr(F, "linear", torch._C._nn.linear)
+
+
 def _count(fn):
     c = StepFlopCounter()
     with c:

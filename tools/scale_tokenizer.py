@@ -200,6 +200,10 @@ def table(res: dict[str, Any]) -> str:
             "fine-tune peak GB | step s |", "|---|---|---|---|---|---|---|"]
     for key in sorted(k for k in res if k.startswith("ranks")):
         r = res[key]
+        if "load_peak_gb" not in r:   # not measured (e.g. out of memory): the prediction and the reason
+            rows.append(f"| {key[5:]} | - | {r['predicted_load_gb']:.2f} | - | {r['predicted_gb']['total']:.2f} | - | "
+                        f"{r.get('status', 'not run')} |")
+            continue
         rows.append(f"| {key[5:]} | {' / '.join(f'{v:.2f}' for v in r['load_peak_gb'])} | {r['predicted_load_gb']:.2f} | "
                     f"{' / '.join(f'{v:.2f}' for v in r['host_peak_gb'])} | {r['predicted_gb']['total']:.2f} | "
                     f"{' / '.join(f'{v:.2f}' for v in r['finetune_host_peak_gb'])} | {r['step_s']} |")
