@@ -146,6 +146,14 @@ def predictions(metrics: dict, s: dict[str, Any], world: int, runtime_gb: float,
     return est.gb()
 
 
+def load_prediction(pred: dict[str, float], metrics: dict, world: int, baseline: float) -> float:
+    """What a rank holds once the engine is built, before any step: its parameters, the fp32 master
+    partition of the trainable part (DeepSpeed allocates it at initialisation; Adam's moments come at the
+    first step) and the process baseline."""
+    master = 4 * metrics["memory"]["parameters"]["trainable"] / world / 2**30
+    return round(pred["params"] + master + baseline, 3)
+
+
 def run(work: Path, size: str = "paper", quick: bool = False, ranks: tuple[int, ...] = (1, 2),
         timeout: float = 3600, reuse: bool = False) -> dict[str, Any]:
     """``reuse``: keep the runs of a rank count whose pre-training and fine-tune both finished (e.g. after the
@@ -185,7 +193,7 @@ def run(work: Path, size: str = "paper", quick: bool = False, ranks: tuple[int, 
             "step_s": step_seconds(pre), "pretrain_wall_s": round(wall_pre, 1), "finetune_wall_s": round(wall_ft, 1),
             "export_items": (m_ft.get("codes") or {}).get("num_items"), "parameters": m_pre["memory"]["parameters"],
             "predicted_gb": pred,
-            "predicted_load_gb": round(pred["params"] + out["baseline_gb"], 3)}
+            "predicted_load_gb": load_prediction(pred, m_pre, world, out["baseline_gb"])}
     if 1 in ranks and 2 in ranks:
         one, two = out["ranks1"]["load_peak_gb"][0], max(out["ranks2"]["load_peak_gb"])
         out["load_peak_ratio_2_over_1"] = round(two / one, 3)
