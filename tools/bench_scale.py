@@ -101,7 +101,8 @@ def main(argv: list[str] | None = None) -> dict:
                      else scale_catalogue.PAPER)
             small = args.quick or args.tiny
             print(f"catalogue: {sizes}", flush=True)
-            res = scale_catalogue.run(work / "catalogue", sizes, rqvae_epochs=args.rqvae_epochs,
+            # tiny: one RQ-VAE step per epoch, so more epochs for codes that resolve (the assertion checks it)
+            res = scale_catalogue.run(work / "catalogue", sizes, rqvae_epochs=40 if args.tiny else args.rqvae_epochs,
                                       t5_steps=2 if args.tiny else 3 if small else args.t5_steps,
                                       eval_users=200 if args.tiny else 2000 if small else 10_000,
                                       text_sample=32 if args.tiny else 512)

@@ -151,12 +151,13 @@ def run(work: Path, sizes: dict[str, int], *, rqvae_epochs: int = 2, t5_steps: i
     from megarec.data.readers import read_domain
     from megarec.data.splits import leave_one_out
     from megarec.methods.evaluation import evaluate_beam
-    from megarec.methods.profiles import load_profile
+    from megarec.methods.profiles import flatten, load_profile
     from megarec.recommender.metrics import RankingMetrics
     from megarec.recommender.sasrec import SASRec, SASRecConfig, pad_histories
     from megarec.recommender.t5 import GenerativeRecommender, T5RecConfig
     from megarec.recommender.trie import ItemTrie
     from megarec.tokenizer.assign import CollisionError, assign_catalogue
+    from megarec.tokenizer.encoders import item_keys
     from megarec.tokenizer.train import train_rqvae
 
     torch.manual_seed(seed)
@@ -181,10 +182,9 @@ def run(work: Path, sizes: dict[str, int], *, rqvae_epochs: int = 2, t5_steps: i
         cfg = load_config(TokenizerConfig, None, [("epochs", rqvae_epochs), ("eval_every", rqvae_epochs),
                                                   ("seed", seed), ("device", "cpu")])
         with stage("rqvae", results, meter, epochs=rqvae_epochs) as info:
-            rq, summary = train_rqvae(x, cfg, progress=False)
-            info["s_per_epoch"] = None   # filled below
+            rq, _ = train_rqvae(x, cfg, progress=False)
         results["rqvae"]["s_per_epoch"] = round(results["rqvae"]["s"] / rqvae_epochs, 2)
-        keys = [f"{domain.name}/{i}" for i in domain.item_ids]
+        keys = item_keys(domain)
         with torch.no_grad():
             with stage("assign_dedup", results, meter) as info:
                 codes = assign_catalogue(rq, x, keys, "dedup")
@@ -203,7 +203,7 @@ def run(work: Path, sizes: dict[str, int], *, rqvae_epochs: int = 2, t5_steps: i
         with stage("trie", results, meter) as info:
             trie = ItemTrie(data.item_tokens, data.vocab.num_levels, data.vocab)
             info["levels"] = data.vocab.num_levels
-        t5cfg = load_config(T5RecConfig, None, [(k.split(".", 1)[1], v) for k, v in _flat(load_profile("tiger", "paper").rec)
+        t5cfg = load_config(T5RecConfig, None, [(k.split(".", 1)[1], v) for k, v in flatten(load_profile("tiger", "paper").rec)
                                                   if k.startswith("tiger.")])
         model = GenerativeRecommender(t5cfg, data.vocab)
         opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
@@ -263,12 +263,6 @@ class _Rows:
 def _user_sample(samples, n: int, seed: int) -> _Rows:
     rows = np.sort(np.random.default_rng(seed).permutation(len(samples))[:n])
     return _Rows(samples, rows)
-
-
-def _flat(mapping: dict, prefix: str = "") -> list[tuple[str, Any]]:
-    from megarec.methods.profiles import flatten
-
-    return flatten(mapping, prefix)
 
 
 def _text_encoder_rate(domain, n: int) -> float:
