@@ -88,3 +88,52 @@ def test_torch_adam_foreach_temporaries_are_counted():
     plain = predict(counts, ZeroSettings(stage=3), 2)
     cpu = predict(counts, ZeroSettings(stage=3), 2, torch_adam=True)
     assert cpu.optimizer - plain.optimizer == 8 * 1_000_000 / 2 and cpu.notes
+
+
+HEAP_PROBE = r"""
+import ctypes, sys, torch
+from megarec.engine.memory_model import host_resident_gb, release_free_heap
+ctypes.CDLL(None).mallopt(-3, 64 << 20)      # M_MMAP_THRESHOLD: 1 MB tensors come from the heap
+keep = [torch.ones(1 << 18) for _ in range(600)]  # 600 x 1 MB, every page touched
+del keep[::2]                                 # 300 MB of holes inside the heap, none at its top
+before = host_resident_gb()
+assert release_free_heap()
+print(before - host_resident_gb())
+"""
+
+
+def test_release_free_heap_returns_freed_pages_to_the_os():
+    """The build's freed tensors stay resident in glibc's heap until ``malloc_trim``: the probe's 300 MB of
+    holes leave the process only through :func:`release_free_heap` (a fresh process: the mmap threshold is
+    process state)."""
+    import subprocess
+    import sys
+
+    out = subprocess.run([sys.executable, "-c", HEAP_PROBE], capture_output=True, text=True, check=True)
+    assert float(out.stdout.split()[-1]) > 0.2, out.stdout
+
+
+MMAP_PROBE = r"""
+import ctypes, sys, torch
+from megarec.engine.memory_model import fix_mmap_threshold, host_resident_gb
+if sys.argv[1] == "fixed":
+    assert fix_mmap_threshold()
+else:
+    ctypes.CDLL(None).mallopt(-3, 64 << 20)  # where glibc's dynamic threshold ends up after large frees
+keep = [torch.ones(2 << 20) for _ in range(60)]   # 60 x 8 MB, every page touched
+before = host_resident_gb()
+del keep[::2]
+print(before - host_resident_gb())
+"""
+
+
+@pytest.mark.parametrize("mode", ["fixed", "raised"])
+def test_fixed_mmap_threshold_returns_large_frees_at_once(mode):
+    """Under :func:`fix_mmap_threshold` a freed 8 MB tensor (a gathered ZeRO-3 parameter, say) leaves the
+    process at once; with the threshold glibc raises by itself it stays resident."""
+    import subprocess
+    import sys
+
+    out = subprocess.run([sys.executable, "-c", MMAP_PROBE, mode], capture_output=True, text=True, check=True)
+    freed = float(out.stdout.split()[-1])
+    assert (freed > 0.2) if mode == "fixed" else (freed < 0.05), (mode, freed)

@@ -89,6 +89,7 @@ def test_ds_configs_resolve_on_cpu(name):
     assert cfg["optimizer"]["params"]["lr"] == 3e-3 and cfg["optimizer"]["params"]["weight_decay"] == 0.05
     offload = "offload_optimizer" in cfg["zero_optimization"]
     assert cfg["optimizer"]["params"].get("torch_adam", False) is (not offload)
+    assert cfg["optimizer"]["params"].get("fused", False) is (not offload)   # in place: no foreach temporaries
     assert "auto" not in json.dumps(cfg)
 
 

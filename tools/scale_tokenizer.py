@@ -129,7 +129,7 @@ def baseline_gb() -> float:
 
 
 def predictions(metrics: dict, s: dict[str, Any], world: int, runtime_gb: float, bf16: bool = False,
-                batch: int | None = None, torch_adam: bool = True) -> dict[str, float]:
+                batch: int | None = None, torch_adam: bool = False) -> dict[str, float]:
     from megarec.engine.memory_model import GB, ParamCounts, ZeroSettings, predict, transformer_activations
 
     p = metrics["memory"]["parameters"]

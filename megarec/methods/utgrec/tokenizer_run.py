@@ -65,7 +65,8 @@ def run(cfg: TrainTokenizerConfig) -> dict[str, Any]:
                                                 init_distributed, resolve_ds_config, seed_everything,
                                                 set_cpu_threads)
     from megarec.engine.loop import LoopSettings, TrainLoop
-    from megarec.engine.memory_model import gather_host_peaks, host_peak_gb
+    from megarec.engine.memory_model import (fix_mmap_threshold, gather_host_peaks, host_peak_gb, host_resident_gb,
+                                             release_free_heap)
     from megarec.methods.utgrec.data_path import TrainBatchMaker, check_data, resolve_latents, train_loader
     from megarec.methods.utgrec.item_lookup import ItemLookup
     from megarec.methods.utgrec.content_encoder import full_numel, is_zero3
@@ -75,6 +76,8 @@ def run(cfg: TrainTokenizerConfig) -> dict[str, Any]:
 
     init_distributed(cfg.train.dist_timeout_s)
     set_cpu_threads(cfg.train.cpu_threads)
+    if accelerator_name() == "cpu":   # host memory is the rank's device memory: large frees go back to the OS
+        fix_mmap_threshold()
     log = get_logger("megarec.train_tokenizer")
     run_dir = Path(cfg.train.run_dir)
     _check(cfg, run_dir)
@@ -88,6 +91,7 @@ def run(cfg: TrainTokenizerConfig) -> dict[str, Any]:
     seed_everything(cfg.train.seed)
     model, latents = build_model(cfg.utgrec, gpu=accelerator_name() != "cpu",   # same seed: same weights everywhere
                                  ds_config=ds_cfg)                             # ZeRO-3: partitioned from load on
+    release_free_heap()   # the build's freed full-size tensors (2B, 2 ranks: ~1.5 GB a rank otherwise)
     if latents is not None and not isinstance(latents, LatentCache):
         latents.to(dev)
     if not cfg.train.init_from:   # text decoder starts at the catalogue's token marginal (same on every rank)
@@ -111,7 +115,10 @@ def run(cfg: TrainTokenizerConfig) -> dict[str, Any]:
              sum(full_numel(p) for p in model.parameters()))
     engine = build_engine(model, ds_cfg, WarmupCosine(cfg.train.warmup_steps, max(total, 1), cfg.train.min_lr_ratio))
     module = engine.module
+    release_free_heap()
     load_peak_gb = host_peak_gb()   # the model built and partitioned, nothing trained yet
+    log.info("host memory after build: %.2f GB resident, %.2f GB peak (rank %d)", host_resident_gb(),
+             load_peak_gb, rank)
     if zero3:   # peft's code-token layer reads partitioned tensors outside their modules (export, k-means)
         module.encoder.register_zero3_params()
     if is_main_process():
