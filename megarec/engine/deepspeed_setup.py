@@ -130,6 +130,9 @@ def init_distributed(timeout_s: float | None = None) -> None:
         get_accelerator().set_device(int(os.environ.get("LOCAL_RANK", 0)))
     else:
         _unlink_shm_buffers()
+        from megarec.engine.memory_model import fix_mmap_threshold
+
+        fix_mmap_threshold()   # host memory is the rank's device memory: large frees go back to the OS
 
 
 def _unlink_shm_buffers() -> None:
@@ -296,6 +299,9 @@ def build_engine(model: torch.nn.Module, ds_config: dict[str, Any], schedule: Wa
         lr_scheduler=clocks.scheduler if use_ours else None)
     engine.lr_clocks = clocks
     from megarec.engine.checkpoint import link_fp32_masters
+    from megarec.engine.memory_model import release_free_heap
+
+    release_free_heap()   # the copies deepspeed.initialize flattened and freed
 
     link_fp32_masters(engine.optimizer)   # bf16 at ZeRO 0: export the fp32 masters, not bf16 copies
     return engine

@@ -214,6 +214,7 @@ def _libc() -> Any:
 
 def fix_mmap_threshold(nbytes: int = MMAP_THRESHOLD) -> bool:
     """Fix glibc's mmap threshold at ``nbytes`` (``mallopt(M_MMAP_THRESHOLD)``); False where there is no glibc.
+    Every CPU rank calls it from :func:`megarec.engine.deepspeed_setup.init_distributed`.
 
     For ranks whose accelerator is the host (CPU runs). glibc raises the threshold to the size of each
     mapped block it frees (up to 32 MB), so a ZeRO-3 rank's gathered parameters (27 MB each for a

@@ -65,8 +65,7 @@ def run(cfg: TrainTokenizerConfig) -> dict[str, Any]:
                                                 init_distributed, resolve_ds_config, seed_everything,
                                                 set_cpu_threads)
     from megarec.engine.loop import LoopSettings, TrainLoop
-    from megarec.engine.memory_model import (fix_mmap_threshold, gather_host_peaks, host_peak_gb, host_resident_gb,
-                                             release_free_heap)
+    from megarec.engine.memory_model import gather_host_peaks, host_peak_gb, host_resident_gb, release_free_heap
     from megarec.methods.utgrec.data_path import TrainBatchMaker, check_data, resolve_latents, train_loader
     from megarec.methods.utgrec.item_lookup import ItemLookup
     from megarec.methods.utgrec.content_encoder import full_numel, is_zero3
@@ -76,8 +75,6 @@ def run(cfg: TrainTokenizerConfig) -> dict[str, Any]:
 
     init_distributed(cfg.train.dist_timeout_s)
     set_cpu_threads(cfg.train.cpu_threads)
-    if accelerator_name() == "cpu":   # host memory is the rank's device memory: large frees go back to the OS
-        fix_mmap_threshold()
     log = get_logger("megarec.train_tokenizer")
     run_dir = Path(cfg.train.run_dir)
     _check(cfg, run_dir)
@@ -115,7 +112,6 @@ def run(cfg: TrainTokenizerConfig) -> dict[str, Any]:
              sum(full_numel(p) for p in model.parameters()))
     engine = build_engine(model, ds_cfg, WarmupCosine(cfg.train.warmup_steps, max(total, 1), cfg.train.min_lr_ratio))
     module = engine.module
-    release_free_heap()
     load_peak_gb = host_peak_gb()   # the model built and partitioned, nothing trained yet
     log.info("host memory after build: %.2f GB resident, %.2f GB peak (rank %d)", host_resident_gb(),
              load_peak_gb, rank)
