@@ -102,15 +102,19 @@ print(before - host_resident_gb())
 """
 
 
-def test_release_free_heap_returns_freed_pages_to_the_os():
-    """The build's freed tensors stay resident in glibc's heap until ``malloc_trim``: the probe's 300 MB of
-    holes leave the process only through :func:`release_free_heap` (a fresh process: the mmap threshold is
-    process state)."""
+def _probe(code: str, *args: str) -> float:
+    """GB the probe ``code`` reports freed, run in a fresh process (glibc's mmap threshold is process state)."""
     import subprocess
     import sys
 
-    out = subprocess.run([sys.executable, "-c", HEAP_PROBE], capture_output=True, text=True, check=True)
-    assert float(out.stdout.split()[-1]) > 0.2, out.stdout
+    out = subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, check=True)
+    return float(out.stdout.split()[-1])
+
+
+def test_release_free_heap_returns_freed_pages_to_the_os():
+    """The build's freed tensors stay resident in glibc's heap until ``malloc_trim``: the probe's 300 MB of
+    holes leave the process only through :func:`release_free_heap`."""
+    assert _probe(HEAP_PROBE) > 0.2
 
 
 MMAP_PROBE = r"""
@@ -131,9 +135,5 @@ print(before - host_resident_gb())
 def test_fixed_mmap_threshold_returns_large_frees_at_once(mode):
     """Under :func:`fix_mmap_threshold` a freed 8 MB tensor (a gathered ZeRO-3 parameter, say) leaves the
     process at once; with the threshold glibc raises by itself it stays resident."""
-    import subprocess
-    import sys
-
-    out = subprocess.run([sys.executable, "-c", MMAP_PROBE, mode], capture_output=True, text=True, check=True)
-    freed = float(out.stdout.split()[-1])
+    freed = _probe(MMAP_PROBE, mode)
     assert (freed > 0.2) if mode == "fixed" else (freed < 0.05), (mode, freed)

@@ -129,7 +129,7 @@ def baseline_gb() -> float:
 
 
 def predictions(metrics: dict, s: dict[str, Any], world: int, runtime_gb: float, bf16: bool = False,
-                batch: int | None = None, torch_adam: bool = False) -> dict[str, float]:
+                batch: int | None = None) -> dict[str, float]:
     from megarec.engine.memory_model import GB, ParamCounts, ZeroSettings, predict, transformer_activations
 
     p = metrics["memory"]["parameters"]
@@ -142,7 +142,7 @@ def predictions(metrics: dict, s: dict[str, Any], world: int, runtime_gb: float,
     act = transformer_activations(t["num_hidden_layers"], 2 * b * seq, t["hidden_size"], t["num_attention_heads"],
                                   seq=seq, bytes_per=2 if bf16 else 4, checkpointing=True,
                                   ffn_ratio=1.5 * t["intermediate_size"] / t["hidden_size"])   # SwiGLU: 3 matrices
-    est = predict(counts, zero, world, activations=act, runtime=runtime_gb * GB, torch_adam=torch_adam)
+    est = predict(counts, zero, world, activations=act, runtime=runtime_gb * GB)   # fused AdamW: in place
     return est.gb()
 
 
@@ -176,7 +176,8 @@ def run(work: Path, size: str = "paper", quick: bool = False, ranks: tuple[int, 
         if not done:
             for d in (pre, ft):   # a rerun starts over (train_tokenizer refuses a folder with checkpoints)
                 shutil.rmtree(d, ignore_errors=True)
-            # data.num_workers 0: a worker is a forked copy of the rank; two 2B ranks + workers exceed 24 GB
+            # data.num_workers 0: a worker is a forked copy of the rank (two 2B ranks with a worker each were
+            # OOM-killed on 24 GB before the host-memory fixes of 1f27370; not retried since)
             wall_pre = launch(world, overrides(qwen, vae, shards, s, pre, dsc) + ["--data.num_workers", "0"],
                               work / f"pre{world}.log", timeout)
             wall_ft = launch(world, overrides(qwen, vae, shards, s, ft, dsc) + [
@@ -198,8 +199,8 @@ def run(work: Path, size: str = "paper", quick: bool = False, ranks: tuple[int, 
         one, two = out["ranks1"]["load_peak_gb"][0], max(out["ranks2"]["load_peak_gb"])
         out["load_peak_ratio_2_over_1"] = round(two / one, 3)
     metrics = json.loads((work / f"pre{ranks[0]}" / "metrics.json").read_text())
-    out["predicted_gpu"] = {f"gpus{n}_batch16_bf16": predictions(metrics, s, n, 0.0, bf16=True, batch=16,
-                                                                 torch_adam=False) for n in (8, 16)}
+    out["predicted_gpu"] = {f"gpus{n}_batch16_bf16": predictions(metrics, s, n, 0.0, bf16=True, batch=16)
+                            for n in (8, 16)}
     return out
 
 
