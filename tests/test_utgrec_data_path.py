@@ -118,15 +118,17 @@ def test_latent_cache_written_by_two_ranks_equals_one_rank_and_on_the_fly_latent
     one = write_latent_cache(env["shards"], str(env["vae"]), env["root"] / "one.safetensors", 16, 2, vae=vae,
                              lookup=lookup, progress=False)
     two = env["root"] / "two.safetensors"
-    for rank in (1, 0):   # no process group: the barriers are no-ops, rank 0 joins the parts last
-        write_latent_cache(env["shards"], str(env["vae"]), two, 16, 2, vae=vae, lookup=lookup, progress=False,
-                           rank=rank, world_size=2, batch_size=5)
+    # two jobs encode the same cache at once (rank 1 of each, then each rank 0 joins): neither touches
+    # the other's part files
+    kw = dict(vae=vae, lookup=lookup, progress=False, world_size=2, batch_size=5)
+    for token, rank in (("jobA", 1), ("jobB", 1), ("jobB", 0), ("jobA", 0)):
+        write_latent_cache(env["shards"], str(env["vae"]), two, 16, 2, rank=rank, token=token, **kw)
     a, b = LatentCache(one), LatentCache(two)
     assert a.index == b.index and len(a) == lookup.num_images()
     ka, _ = a.get(lookup.keys)
     kb, _ = b.get(lookup.keys)
     torch.testing.assert_close(ka, kb, rtol=1e-3, atol=1e-3)   # other batch sizes: float16 rounding apart
-    assert not list(two.parent.glob("two.safetensors.part*"))
+    assert not list(two.parent.glob("two.safetensors.*"))
 
     # cached latents == the VAE on the images the worker prepares at the VAE's size
     cfg = _cfg(env)

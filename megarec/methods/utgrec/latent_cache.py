@@ -23,6 +23,7 @@ import argparse
 import hashlib
 import json
 import os
+import uuid
 from pathlib import Path
 from typing import Sequence
 
@@ -96,14 +97,16 @@ def check_latent_cache(path: str | Path, vae_path: str = "", image_size: int | N
 def write_latent_cache(shards: str | Path, vae_path: str, out: str | Path | None = None, image_size: int = 256,
                        patch: int = 2, batch_size: int = 32, device: str | torch.device = "cpu", progress: bool = True,
                        vae=None, lookup=None, rank: int | None = None, world_size: int | None = None,
-                       on_bad_sample: str = "fail") -> Path:
+                       on_bad_sample: str = "fail", token: str | None = None) -> Path:
     """Encode every item image of ``shards`` with the ``AutoencoderKL`` at ``vae_path`` (or the loaded
     ``ImageLatents`` ``vae``); write ``out`` (default :func:`default_cache_path`). Images are read in batches
     (one pass per shard) at ``image_size`` from their stored bytes. Under ``torch.distributed`` (or with
     ``rank`` / ``world_size``) every rank encodes its contiguous slice and writes a part file next to ``out``;
-    rank 0 joins them (a shared file system, as the shards are); a collective then. ``on_bad_sample="skip"``
+    rank 0 joins them (a shared file system, as the shards are); a collective then. Part and temporary files
+    carry a ``token`` drawn per write (rank 0's, broadcast), so jobs that share a shards directory and encode it at the same time
+    never touch each other's files (the last complete file wins). ``on_bad_sample="skip"``
     leaves undecodable images out (no image target), ``"fail"`` raises."""
-    from megarec.distributed import barrier, get_rank, get_world_size
+    from megarec.distributed import barrier, broadcast_object, get_rank, get_world_size, is_dist
     from megarec.methods.utgrec.image_decoder import ImageLatents
     from megarec.methods.utgrec.item_lookup import ItemLookup
 
@@ -129,10 +132,12 @@ def write_latent_cache(shards: str | Path, vae_path: str, out: str | Path | None
     out.parent.mkdir(parents=True, exist_ok=True)
     meta = {"format": FORMAT, "item_keys": json.dumps([lookup.keys[i] for i in rows]), "vae": str(vae_path),
             "vae_hash": vae_fingerprint(vae_path), "image_size": str(image_size), "patch": str(patch)}
+    if token is None:   # one per write, the same on every rank (no process group: this process's calls are the ranks)
+        token = broadcast_object(uuid.uuid4().hex[:12]) if is_dist() else f"pid{os.getpid()}"
     if world == 1:
-        _save(out, mine_lat, meta)
+        _save(out, mine_lat, meta, token)
         return out
-    parts = [out.with_name(f"{out.name}.part{r}of{world}") for r in range(world)]
+    parts = [out.with_name(f"{out.name}.{token}.part{r}of{world}") for r in range(world)]
     save_file({"latents": mine_lat}, str(parts[rank]))
     barrier()
     if rank == 0:
@@ -140,7 +145,7 @@ def write_latent_cache(shards: str | Path, vae_path: str, out: str | Path | None
         for p in parts:
             with safe_open(str(p), framework="pt") as fh:
                 full.append(fh.get_tensor("latents"))
-        _save(out, torch.cat(full).contiguous(), meta)
+        _save(out, torch.cat(full).contiguous(), meta, token)
         for p in parts:
             p.unlink()
     barrier()
@@ -155,8 +160,8 @@ def _decodable(lookup, i: int, size: int) -> bool:
         return False
 
 
-def _save(out: Path, latents: torch.Tensor, meta: dict) -> None:
-    tmp = out.with_name(out.name + ".tmp")
+def _save(out: Path, latents: torch.Tensor, meta: dict, token: str) -> None:
+    tmp = out.with_name(f"{out.name}.{token}.tmp")
     save_file({"latents": latents}, str(tmp), metadata=meta)
     tmp.replace(out)
 
