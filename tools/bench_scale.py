@@ -65,6 +65,9 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--threads", type=int, default=1, help="torch threads of the catalogue part")
     ap.add_argument("--render", nargs="+", default=None, metavar="JSON",
                     help="print the tables of earlier runs' JSON files (the README's tables) and exit")
+    ap.add_argument("--repredict", action="store_true",
+                    help="with --render: recompute the tokenizer's predictions with the current memory model "
+                         "(measurements untouched) and write each file back, the model's commit beside them")
     ap.add_argument("--reuse", action="store_true", help="tokenizer: keep finished runs in --work, run the rest")
     ap.add_argument("--rqvae-epochs", type=int, default=2)
     ap.add_argument("--t5-steps", type=int, default=10)
@@ -72,8 +75,15 @@ def main(argv: list[str] | None = None) -> dict:
     if args.render:
         import scale_tokenizer
 
+        from megarec.results import commit_of
+
         for path in args.render:
             res = json.loads(Path(path).read_text())
+            if args.repredict and "tokenizer" in res:
+                res["tokenizer"] = scale_tokenizer.repredict(res["tokenizer"])
+                res["predictions_from"] = {"command": "python tools/bench_scale.py --render FILE --repredict",
+                                           **commit_of(Path(__file__))}
+                Path(path).write_text(json.dumps(res, indent=2))
             if "catalogue" in res:
                 print(catalogue_table(res["catalogue"]))
             if "tokenizer" in res:

@@ -7,8 +7,10 @@ checkpointing), then a fine-tune from that run (``init_from`` + ``finetune``: th
 config, only the trainable files read) and the code export over all ranks. Measured per rank (from each
 run's ``metrics.json`` ``memory``): ``load_peak_gb`` (host high-water right after the model is built and
 partitioned, before any step) and ``host_peak_gb`` (whole run); ``step_s`` (median of the logged steps).
-Beside them :mod:`megarec.engine.memory_model`'s prediction (params + grads + optimiser + live window +
-activations + the process's measured baseline), and its prediction for 8 and 16 GPUs at batch 16, bf16.
+Beside them :mod:`megarec.engine.memory_model`'s prediction (params + grads + optimiser + the larger of a
+step's live window, activations and transients and the export's transient + the process's measured
+baseline; at load: params + grads + fp32 master + the initialisation's transient + baseline), and its
+prediction for 8 and 16 GPUs at batch 16, bf16. ``rerender`` recomputes the predictions of a stored result.
 
 Sizes: ``paper`` (Qwen2-VL-2B: 28 layers, hidden 1536, vocab 151,936; vision 32 blocks of 1280; the
 tokenizer padded to Qwen's 151,646 tokens so the text decoder's output layer has its real 233M
@@ -129,29 +131,22 @@ def baseline_gb() -> float:
 
 
 def predictions(metrics: dict, s: dict[str, Any], world: int, runtime_gb: float, bf16: bool = False,
-                batch: int | None = None) -> dict[str, float]:
+                batch: int | None = None, on_host: bool = True) -> dict[str, float]:
     from megarec.engine.memory_model import GB, ParamCounts, ZeroSettings, predict, transformer_activations
 
     p = metrics["memory"]["parameters"]
     t = s["text"]
     counts = ParamCounts(trainable=p["trainable"], frozen=p["total"] - p["trainable"],
-                         largest_modules=(t["vocab_size"] * t["hidden_size"], s["tokenizer"] * t["hidden_size"]))
+                         largest_modules=(t["vocab_size"] * t["hidden_size"], s["tokenizer"] * t["hidden_size"]),
+                         largest_trainable=s["tokenizer"] * t["hidden_size"])   # the text decoder's output layer
     zero = ZeroSettings.from_ds_config(json.loads((REPO / "ds_configs" / "zero3.json").read_text()), bf16=bf16)
     b = s["batch"] if batch is None else batch
     seq = 64 + s["text_tokens"] + 40                    # visual tokens + item text + prompt and code tokens
     act = transformer_activations(t["num_hidden_layers"], 2 * b * seq, t["hidden_size"], t["num_attention_heads"],
                                   seq=seq, bytes_per=2 if bf16 else 4, checkpointing=True,
                                   ffn_ratio=1.5 * t["intermediate_size"] / t["hidden_size"])   # SwiGLU: 3 matrices
-    est = predict(counts, zero, world, activations=act, runtime=runtime_gb * GB)   # fused AdamW: in place
+    est = predict(counts, zero, world, activations=act, runtime=runtime_gb * GB, on_host=on_host)   # fused AdamW
     return est.gb()
-
-
-def load_prediction(pred: dict[str, float], metrics: dict, world: int, baseline: float) -> float:
-    """What a rank holds once the engine is built, before any step: its parameters, the fp32 master
-    partition of the trainable part (DeepSpeed allocates it at initialisation; Adam's moments come at the
-    first step) and the process baseline."""
-    master = 4 * metrics["memory"]["parameters"]["trainable"] / world / 2**30
-    return round(pred["params"] + master + baseline, 3)
 
 
 def run(work: Path, size: str = "paper", quick: bool = False, ranks: tuple[int, ...] = (1, 2),
@@ -193,15 +188,34 @@ def run(work: Path, size: str = "paper", quick: bool = False, ranks: tuple[int, 
             "finetune_host_peak_gb": m_ft["memory"]["host_peak_gb"],
             "step_s": step_seconds(pre), "pretrain_wall_s": round(wall_pre, 1), "finetune_wall_s": round(wall_ft, 1),
             "export_items": (m_ft.get("codes") or {}).get("num_items"), "parameters": m_pre["memory"]["parameters"],
-            "predicted_gb": pred,
-            "predicted_load_gb": load_prediction(pred, m_pre, world, out["baseline_gb"])}
+            "predicted_gb": pred, "predicted_load_gb": pred["load"]}
     if 1 in ranks and 2 in ranks:
         one, two = out["ranks1"]["load_peak_gb"][0], max(out["ranks2"]["load_peak_gb"])
         out["load_peak_ratio_2_over_1"] = round(two / one, 3)
     metrics = json.loads((work / f"pre{ranks[0]}" / "metrics.json").read_text())
-    out["predicted_gpu"] = {f"gpus{n}_batch16_bf16": predictions(metrics, s, n, 0.0, bf16=True, batch=16)
+    out["predicted_gpu"] = {f"gpus{n}_batch16_bf16": predictions(metrics, s, n, 0.0, bf16=True, batch=16,
+                                                                 on_host=False) for n in (8, 16)}
+    return out
+
+
+def repredict(res: dict[str, Any]) -> dict[str, Any]:
+    """``res`` (a stored tokenizer result) with every prediction recomputed by the current memory model from
+    the stored parameter counts, baseline and bf16 switch; the measurements are untouched."""
+    s = sizes(res["size"])
+    out = json.loads(json.dumps(res))
+    for key in (k for k in out if k.startswith("ranks") and k[5:].isdigit()):
+        r, world = out[key], int(key[5:])
+        pred = predictions({"memory": {"parameters": r["parameters"]}}, s, world, out["baseline_gb"], bf16=out["bf16"])
+        r["predicted_gb"], r["predicted_load_gb"] = pred, pred["load"]
+    first = next(k for k in out if k.startswith("ranks") and k[5:].isdigit())
+    out["predicted_gpu"] = {f"gpus{n}_batch16_bf16": predictions({"memory": {"parameters": out[first]["parameters"]}},
+                                                                 s, n, 0.0, bf16=True, batch=16, on_host=False)
                             for n in (8, 16)}
     return out
+
+
+def _vs(pred: float, measured: float) -> str:
+    return f"{pred:.2f} ({100 * (pred - measured) / measured:+.0f}%)"
 
 
 def table(res: dict[str, Any]) -> str:
@@ -213,8 +227,10 @@ def table(res: dict[str, Any]) -> str:
             rows.append(f"| {key[5:]} | - | {r['predicted_load_gb']:.2f} | - | {r['predicted_gb']['total']:.2f} | - | "
                         f"{r.get('status', 'not run')} |")
             continue
-        rows.append(f"| {key[5:]} | {' / '.join(f'{v:.2f}' for v in r['load_peak_gb'])} | {r['predicted_load_gb']:.2f} | "
-                    f"{' / '.join(f'{v:.2f}' for v in r['host_peak_gb'])} | {r['predicted_gb']['total']:.2f} | "
+        rows.append(f"| {key[5:]} | {' / '.join(f'{v:.2f}' for v in r['load_peak_gb'])} | "
+                    f"{_vs(r['predicted_load_gb'], max(r['load_peak_gb']))} | "
+                    f"{' / '.join(f'{v:.2f}' for v in r['host_peak_gb'])} | "
+                    f"{_vs(r['predicted_gb']['total'], max(r['host_peak_gb']))} | "
                     f"{' / '.join(f'{v:.2f}' for v in r['finetune_host_peak_gb'])} | {r['step_s']} |")
     for name, p in res.get("predicted_gpu", {}).items():
         rows.append(f"| {name} (predicted) | - | {p['params']:.2f} params | - | {p['total']:.2f} | - | - |")

@@ -1,27 +1,37 @@
 """Per-rank memory of a DeepSpeed run before it runs: parameters, gradients, optimiser state, ZeRO-3's
-live-parameter window and activations, for a model at N ranks under a DeepSpeed config.
+live-parameter window, activations and the transients of building, stepping and exporting, for a model at
+N ranks under a DeepSpeed config.
 
 Accounting (bytes per element; ``c`` = 2 with bf16, 4 in fp32; Adam; ``N`` ranks, ``P`` params, ``T`` of
-them trainable, ``S`` in parameters small enough to stay whole under ZeRO-3, ``H`` the hpZ group size):
+them trainable, ``S`` in parameters small enough to stay whole under ZeRO-3, ``H`` the hpZ group size,
+``B`` the reduce bucket, ``L`` the largest trainable parameter):
 
-==========  ===========================  ============================  ==============================
-stage       parameters                   gradients (trainable)         optimiser (trainable)
-==========  ===========================  ============================  ==============================
-0           ``P c``                      ``T c`` (+ ``4 T`` with bf16) ``8 T`` (+ ``4 T`` master, bf16)
-1           ``P c``                      ``T c``                       ``12 T / N``
-2           ``P c``                      ``4 T / N`` + buckets         ``12 T / N``
-3           ``(P - S) c / N + S c``      ``4 T / N`` + buckets         ``12 T / N``
-            (+ ``(P - S) c / H`` hpZ)
-==========  ===========================  ============================  ==============================
+=====  ===========================  ===========================  ====================  ===============
+stage  parameters                   gradients (trainable)        fp32 master           Adam moments
+=====  ===========================  ===========================  ====================  ===============
+0      ``P c``                      ``T c`` (+ ``4 T`` bf16)     ``4 T`` (bf16 only)   ``8 T``
+1      ``P c``                      ``T c``                      ``4 T / N``           ``8 T / N``
+2      ``P c``                      ``4 T / N + 2 B c``          ``4 T / N``           ``8 T / N``
+3      ``(P - S) c / N + S c``      ``c T / N + 2 B c``          ``4 T / N``           ``8 T / N``
+       (+ ``(P - S) c / H`` hpZ)
+=====  ===========================  ===========================  ====================  ===============
 
-ZeRO-1/2/3 keep their own fp32 partition of the trainable weights even when training in fp32 (the
-flat partitions the optimiser steps on), hence 12 bytes (fp32 master + two moments) per trainable element
-at every ZeRO stage. Frozen parameters (a LoRA base) have neither gradients nor optimiser state but
-are partitioned and gathered like the others under ZeRO-3. Under ZeRO-3 a rank also holds the
-parameters gathered for the modules in flight: at most ``stage3_max_live_parameters``, in practice
-the prefetch bucket plus the two largest modules (the one computing and the next one). Activations
-are the caller's estimate (:func:`transformer_activations`); the host process's own footprint
-(interpreter, libraries, tokenizer, data) is the caller's ``runtime`` figure.
+ZeRO-1/2/3 keep their own fp32 partition of the trainable weights even when training in fp32 (the flat
+partitions the optimiser steps on). Frozen parameters (a LoRA base) have neither gradients nor optimiser
+state but are partitioned and gathered like the others under ZeRO-3. Under ZeRO-3 a rank also holds the
+parameters gathered for the modules in flight: at most ``stage3_max_live_parameters``, in practice the
+prefetch bucket plus the two largest modules. Activations are the caller's estimate
+(:func:`transformer_activations`); the host process's own footprint (interpreter, libraries, tokenizer,
+data) is the caller's ``runtime`` figure.
+
+Measured under ZeRO-3 on CPU ranks (``tools/probe_zero3_memory.py``: one or four trainable Linears beside
+frozen ones, bf16, 1 and 2 ranks): ``deepspeed.initialize`` leaves ``(4 + c) T / N + 2 B c`` (master, the
+gradient partition in the training dtype, both reduce buckets), passing through ``4 L`` more; the first step
+adds the moments, ``8 T / N``; a step passes through ``4 T / N`` (the fp32 copy of the gradient partition the
+optimiser reads, bf16 only) and ``2 c L`` (the largest full gradient, computed and bucketed); exporting
+(:func:`megarec.engine.checkpoint.gather_state_dict`) passes through ``8 L`` (the full fp32 master a rank
+rebuilds by all-reduce, and the all-reduce's buffer) and ``4 T`` (the gathered state, rank 0). The stage-3
+rows and transients are fitted there; stages 0-2 follow DeepSpeed's documented layout, unmeasured here.
 
 Used by ``tools/bench_scale.py`` beside measured figures, and to choose a ZeRO config for a model.
 """
@@ -45,6 +55,7 @@ class ParamCounts:
     frozen: int
     persistent: int = 0                   # in parameters of <= the persistence threshold elements
     largest_modules: tuple[int, ...] = ()  # the biggest modules' own parameter elements, largest first
+    largest_trainable: int = 0            # elements of the largest trainable parameter
 
     @property
     def total(self) -> int:
@@ -56,7 +67,7 @@ def count_params(model: nn.Module, persistence_threshold: int = 100_000) -> Para
     def numel(p: nn.Parameter) -> int:
         return int(getattr(p, "ds_numel", p.numel()))
 
-    trainable = frozen = persistent = 0
+    trainable = frozen = persistent = largest = 0
     seen: set[int] = set()
     for p in model.parameters():
         if id(p) in seen:
@@ -65,8 +76,9 @@ def count_params(model: nn.Module, persistence_threshold: int = 100_000) -> Para
         n = numel(p)
         trainable, frozen = (trainable + n, frozen) if p.requires_grad else (trainable, frozen + n)
         persistent += n if n <= persistence_threshold else 0
+        largest = max(largest, n) if p.requires_grad else largest
     own = sorted((sum(numel(p) for p in m.parameters(recurse=False)) for m in model.modules()), reverse=True)
-    return ParamCounts(trainable, frozen, persistent, tuple(own[:2]))
+    return ParamCounts(trainable, frozen, persistent, tuple(own[:2]), largest)
 
 
 @dataclass(frozen=True)
@@ -104,29 +116,52 @@ class ZeroSettings:
 
 @dataclass
 class MemoryEstimate:
-    """Bytes per rank on the training device; ``offloaded`` is what the offload options move to the host."""
+    """Bytes per rank on the training device; ``offloaded`` is what the offload options move to the host.
+
+    ``total`` is the run's peak: the steady state (params, grads, master, moments, runtime) plus the larger
+    of a step's extras (live window, activations, ``step_transient``) and the export's ``export_transient``.
+    ``load`` is the peak up to the engine, before any step (no moments yet; ``load_transient``)."""
     params: float
     grads: float
-    optimizer: float
+    master: float
+    moments: float
     live: float
     activations: float = 0.0
     runtime: float = 0.0
+    load_transient: float = 0.0
+    step_transient: float = 0.0
+    export_transient: float = 0.0
     offloaded: float = 0.0
     notes: list[str] = field(default_factory=list)
 
     @property
+    def optimizer(self) -> float:
+        return self.master + self.moments
+
+    @property
+    def steady(self) -> float:
+        return self.params + self.grads + self.optimizer + self.runtime
+
+    @property
     def total(self) -> float:
-        return self.params + self.grads + self.optimizer + self.live + self.activations + self.runtime
+        return self.steady + max(self.live + self.activations + self.step_transient, self.export_transient)
+
+    @property
+    def load(self) -> float:
+        return self.params + self.grads + self.master + self.runtime + self.load_transient
 
     def gb(self) -> dict[str, float]:
         out = {k: round(v / GB, 3) for k, v in asdict(self).items() if isinstance(v, float)}
-        out["total"] = round(self.total / GB, 3)
+        out.update({k: round(getattr(self, k) / GB, 3) for k in ("optimizer", "load", "total")})
         return out
 
 
 def predict(counts: ParamCounts, zero: ZeroSettings, world: int, *, activations: float = 0.0,
-            runtime: float = 0.0, torch_adam: bool = False) -> MemoryEstimate:
+            runtime: float = 0.0, torch_adam: bool = False, on_host: bool = True) -> MemoryEstimate:
     """Per-rank bytes of ``counts`` trained with AdamW under ``zero`` at ``world`` ranks (module docstring).
+
+    ``on_host``: the ranks compute on the host (CPU runs), so the export's gathered state (``4 T``, built
+    in host memory on rank 0) is on the same memory; on GPUs only the all-reduce's ``8 L`` is on the device.
 
     ``torch_adam``: torch's AdamW with ``foreach`` kernels (``"foreach": true`` in a CPU run's optimizer
     params), which hold about two fp32 copies of the rank's trainable partition while they run (``8 T / N``
@@ -137,7 +172,9 @@ def predict(counts: ParamCounts, zero: ZeroSettings, world: int, *, activations:
     if zero.stage not in (0, 1, 2, 3):
         raise ValueError(f"ZeRO stage must be 0-3, got {zero.stage}")
     c = 2 if zero.bf16 else 4
-    P, T, S = counts.total, counts.trainable, counts.persistent
+    P, T, S, L = counts.total, counts.trainable, counts.persistent, counts.largest_trainable
+    shard = world if zero.stage >= 1 else 1
+    buckets = 2 * zero.reduce_bucket_size * c
     notes: list[str] = []
     if zero.stage == 3:
         params = (P - S) * c / world + S * c
@@ -150,24 +187,28 @@ def predict(counts: ParamCounts, zero: ZeroSettings, world: int, *, activations:
         params, live = P * c, 0.0
     if zero.stage <= 1:
         grads = T * c + (4 * T if zero.bf16 and zero.stage == 0 else 0)
+    elif zero.stage == 2:
+        grads = 4 * T / world + buckets
     else:
-        grads = 4 * T / world + 2 * zero.reduce_bucket_size * c
-    if zero.stage == 0:
-        optimizer = 8 * T + (4 * T if zero.bf16 else 0)
-    else:
-        optimizer = 12 * T / world
+        grads = c * T / world + buckets
+    master = 4 * T / shard if (zero.stage >= 1 or zero.bf16) else 0.0
+    moments = 8 * T / shard
+    step_transient = (4 * T / shard if zero.bf16 else 0.0) + 2 * c * L
     if torch_adam:
-        optimizer += 8 * T / (world if zero.stage >= 1 else 1)
+        step_transient += 8 * T / shard
         notes.append("torch AdamW foreach temporaries at the step")
+    load_transient = 4 * L if zero.stage >= 1 else 0.0
+    export_transient = 8 * L + (4 * T if on_host else 0)
     offloaded = 0.0
     if zero.offload_optimizer and zero.stage >= 1:
-        offloaded += optimizer
-        optimizer = 0.0
+        offloaded += master + moments
+        master = moments = 0.0
     if zero.offload_param and zero.stage == 3:
         offloaded += params - S * c
         params = S * c
-    return MemoryEstimate(params, float(grads), float(optimizer), float(live), float(activations), float(runtime),
-                          offloaded, notes)
+    return MemoryEstimate(float(params), float(grads), float(master), float(moments), float(live),
+                          float(activations), float(runtime), float(load_transient), float(step_transient),
+                          float(export_transient), offloaded, notes)
 
 
 def transformer_activations(layers: int, tokens: int, hidden: int, heads: int, *, seq: int, bytes_per: int = 2,
