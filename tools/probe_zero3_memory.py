@@ -10,11 +10,14 @@ rank's share ``T / N`` for the partitioned phases, per full ``T`` for the export
 
     python tools/probe_zero3_memory.py --json /tmp/probe.json
 
-Measured on a 2-core AMD EPYC (AVX512-BF16), 67M trainable + 134M frozen: ``deepspeed.initialize`` adds
-~9 bytes per ``T / N`` (fp32 master 4 + fp32 gradient partition 4, allocated at initialisation, + ~1 of
-flattening buffers), the first step ~9 more (Adam's two moments 8 + ~1), the export ~8 bytes per element
-of the largest trainable parameter on every rank (its full fp32 copy and the all-reduce's buffer of the
-same size: DeepSpeed rebuilds a partitioned fp32 master by all-reduce) and the gathered state on rank 0.
+Measured on a 2-core AMD EPYC (AVX512-BF16), 67M trainable + 134M frozen, in one piece and in 4
+(``docs/results/scale/zero3_probe.json``, ``zero3_probe_4pieces.json``): ``deepspeed.initialize`` keeps
+6 bytes per ``T / N`` (the fp32 master 4 and the gradient partition in the training dtype, 2 in bf16) plus
+both reduce buckets (~0.19 GB) and passes through an fp32 copy of the largest trainable parameter (4 bytes
+per its element); the first step adds Adam's two moments (8 per ``T / N``); the export passes through ~8
+bytes per element of the largest trainable parameter on every rank (its full fp32 copy and the
+all-reduce's buffer of the same size: DeepSpeed rebuilds a partitioned fp32 master by all-reduce), plus
+the gathered state on rank 0 (in 4 pieces at 2 ranks: 5.9 bytes per ``T`` on rank 0, 3.0 on rank 1).
 """
 from __future__ import annotations
 
@@ -160,7 +163,11 @@ def main(argv: list[str] | None = None) -> dict:
             results[str(world)] = launch(world, args.trainable, args.frozen, args.pieces, Path(tmp))
     print(table(results))
     if args.json:
+        from megarec.results import commit_of
+
+        command = " ".join(["python", "tools/probe_zero3_memory.py", *(argv if argv is not None else sys.argv[1:])])
         Path(args.json).write_text(json.dumps({"trainable": args.trainable, "frozen": args.frozen,
+                                               "pieces": args.pieces, "command": command, **commit_of(Path(__file__)),
                                                "results": results}, indent=1))
     return results
 
