@@ -26,3 +26,21 @@ def test_catalogue_part_runs_every_stage(tmp_path):
     assert res["assign_utgrec"]["collisions_after"] == 0.0   # resolved, not an error
     assert 0.0 <= res["beam_eval"]["ndcg@10"] <= 1.0 and res["t5_train"]["s_per_step_median"] > 0
     assert "| read_5core |" in proc.stdout
+
+
+def test_data_part_measures_workers_and_the_gpu_rate(tmp_path):
+    out = tmp_path / "scale.json"
+    proc = subprocess.run([sys.executable, str(REPO / "tools" / "bench_scale.py"), "--tiny", "--parts", "data",
+                           "--json", str(out), "--work", str(tmp_path)], capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    res = json.loads(out.read_text())["data"]
+    assert set(res["rates"]) == {"workers1", "workers2", "workers1_no_latent_cache"}
+    for r in res["rates"].values():
+        assert r["items_per_s"] > 0 and r["batches"] > 0
+    assert res["rates"]["workers2"]["items_per_s_per_worker"] == res["rates"]["workers2"]["items_per_s"] / 2
+    # a 224 px image is a 16 x 16 patch grid; FLOPs per item add up from the parameter counts
+    assert res["per_item"]["vision_patches"] == 256.0
+    f, c = res["flops_per_item"], res["params"]
+    assert f["vision"] == 2 * c["vision"] * 256.0 and f["total"] == f["llm"] + f["vision"] + f["text_head"]
+    assert res["gpu_items_per_s"] == round(res["assumed_mfu"] * res["peak_flops"] / f["total"], 1)
+    assert res["workers_per_gpu_needed"] >= 1 and "one GPU consumes" in proc.stdout

@@ -289,3 +289,7 @@ def test_items_per_second_measures_the_loader(env):
     r = items_per_second(_cfg(env), num_workers=1, seconds=0, max_batches=3)
     assert r["batches"] == 3 and r["items"] == 3 * 2 * 4 and r["items_per_s"] > 0
     assert r["items_per_s_per_worker"] == r["items_per_s"]
+    # what the step computes on, per item: every sample item has a 28 px image = a 2 x 2 patch grid
+    assert r["vision_patches_per_item"] == 4.0
+    assert 4 < r["encoder_tokens_per_item"] <= r["encoder_padded_tokens_per_item"]
+    assert 0 < r["text_targets_per_item"] <= 16

@@ -1,8 +1,8 @@
 """Paper scale, rehearsed on this machine: the 2B UTGRec tokenizer under ZeRO-3 and a 10^5-item catalogue.
 
-    python tools/bench_scale.py [--quick] [--parts catalogue,tokenizer] --json FILE [--work DIR]
+    python tools/bench_scale.py [--quick] [--parts catalogue,tokenizer,data] --json FILE [--work DIR]
 
-Two parts (both run on a 2-core, 24 GB CPU machine; ``--quick``: reduced sizes, under 10 minutes):
+Three parts (all run on a 2-core, 24 GB CPU machine; ``--quick``: reduced sizes, under 10 minutes):
 
 - **catalogue** (``tools/scale_catalogue.py``): a synthetic raw Amazon-2023 set of the UTGRec
   pre-training size (1M users, 344k items, 8.6M interactions; quick: 150k / 50k / 1.25M) through
@@ -12,6 +12,9 @@ Two parts (both run on a 2-core, 24 GB CPU machine; ``--quick``: reduced sizes, 
 - **tokenizer** (``tools/scale_tokenizer.py``): Qwen2-VL-2B's exact configuration (``random_init``)
   through ``train_tokenizer.py`` at 1 and 2 CPU ranks under ZeRO-3, per-rank host memory beside
   :mod:`megarec.engine.memory_model`'s prediction.
+- **data** (``tools/scale_data.py``): the tokenizer's training data path at the paper run's sizes
+  (500 px JPEGs, 224 px encoder images, cached 256 px VAE latents, batch 16 + 16 positives): items/s per
+  DataLoader worker, beside the items/s one H200 would consume at an assumed MFU.
 
 Prints one table per part and writes every figure to ``--json``.
 """
@@ -28,7 +31,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-PARTS = ("catalogue", "tokenizer")
+PARTS = ("catalogue", "tokenizer", "data")
 
 
 def cpu_summary() -> dict[str, object]:
@@ -88,6 +91,10 @@ def main(argv: list[str] | None = None) -> dict:
                 print(catalogue_table(res["catalogue"]))
             if "tokenizer" in res:
                 print(scale_tokenizer.table(res["tokenizer"]))
+            if "data" in res:
+                import scale_data
+
+                print(scale_data.table(res["data"]))
         return {}
     parts = [p for p in args.parts.split(",") if p]
     unknown = [p for p in parts if p not in PARTS]
@@ -124,6 +131,13 @@ def main(argv: list[str] | None = None) -> dict:
             size = "tiny" if args.tiny else "quick" if args.quick else "paper"
             out["tokenizer"] = scale_tokenizer.run(work / "tokenizer", size=size, reuse=args.reuse)
             print(scale_tokenizer.table(out["tokenizer"]))
+        if "data" in parts:
+            import scale_data
+
+            size = "tiny" if args.tiny else "quick" if args.quick else "paper"
+            out["data"] = scale_data.run(work / "data", size=size, items=32 if args.tiny else 256,
+                                         seconds=2 if args.tiny else 20)
+            print(scale_data.table(out["data"]))
     out["wall_s"] = round(time.time() - t0, 1)
     if args.json:
         Path(args.json).write_text(json.dumps(out, indent=2))

@@ -20,8 +20,10 @@ def items_per_second(cfg: Any, num_workers: int = 0, seconds: float = 10.0, max_
     with ``num_workers`` workers over about ``seconds`` (after ``warmup_batches``: worker start-up is not
     counted), or ``max_batches``. Returns ``items_per_s``, ``items_per_s_per_worker`` (per worker process, the
     main process counting as one with 0 workers), ``batches``, ``items``, ``seconds``, ``num_workers``,
-    ``batch_size``. Latents: read from ``decoder.latents_file`` or the catalogue's default cache when one
-    exists (it is not made here); with neither the VAE images are prepared for the main process."""
+    ``batch_size`` and, per item, ``encoder_tokens_per_item`` (real prompt tokens),
+    ``encoder_padded_tokens_per_item``, ``vision_patches_per_item`` (before the 2 x 2 merge) and
+    ``text_targets_per_item``. Latents: read from ``decoder.latents_file`` or the catalogue's default cache
+    when one exists (it is not made here); with neither the VAE images are prepared for the main process."""
     import dataclasses
 
     from megarec.methods.utgrec.data_path import TrainBatchMaker, train_loader
@@ -43,6 +45,7 @@ def items_per_second(cfg: Any, num_workers: int = 0, seconds: float = 10.0, max_
     maker = TrainBatchMaker.for_config(cfg, preparer, lookup, latents, rank=0)
     _, loader = train_loader(cfg, maker, rank=0, world_size=1, pin_memory=False)
     batches = items = 0
+    tokens = {"encoder_tokens": 0.0, "encoder_padded_tokens": 0.0, "vision_patches": 0.0, "text_targets": 0.0}
     start = None
     it = iter(_forever(loader))
     for _ in range(warmup_batches):
@@ -52,13 +55,26 @@ def items_per_second(cfg: Any, num_workers: int = 0, seconds: float = 10.0, max_
         b = next(it)
         batches += 1
         items += len(b["key"]) * 2
+        _count_tokens(b, tokens)
         el = time.perf_counter() - start
         if (max_batches and batches >= max_batches) or (not max_batches and el >= seconds):
             break
     del it
     rate = items / max(el, 1e-9)
     return {"items_per_s": rate, "items_per_s_per_worker": rate / max(1, num_workers), "batches": batches,
-            "items": items, "seconds": el, "num_workers": int(num_workers), "batch_size": cfg.train.batch_size}
+            "items": items, "seconds": el, "num_workers": int(num_workers), "batch_size": cfg.train.batch_size,
+            **{f"{k}_per_item": v / max(items, 1) for k, v in tokens.items()}}
+
+
+def _count_tokens(b: dict, acc: dict[str, float]) -> None:
+    """Adds a prepared batch's encoder tokens (real and padded), vision patches (before the merge) and text
+    targets to ``acc``: what the step will compute on, for FLOPs per item."""
+    enc = b["enc"]
+    acc["encoder_tokens"] += float(enc["attention_mask"].sum())
+    acc["encoder_padded_tokens"] += float(enc["attention_mask"].numel())
+    if enc.get("image_grid_thw") is not None:
+        acc["vision_patches"] += float(enc["image_grid_thw"].prod(-1).sum())
+    acc["text_targets"] += float(b["mask"].sum())
 
 
 class _NoCache:
