@@ -9,6 +9,17 @@ import sys
 from typing import Any, Callable, Sequence
 
 
+def unshadow_script_dir(script: str) -> None:
+    """Run as a file (``deepspeed megarec/train_rec.py``), Python puts ``megarec/`` first on ``sys.path``, where
+    ``megarec/kernels`` shadows the ``kernels`` package that transformers imports: put the repository root
+    there instead. Call before anything imports transformers (this module imports nothing heavy)."""
+    from pathlib import Path
+
+    here = Path(script).resolve().parent
+    if sys.path and Path(sys.path[0] or ".").resolve() == here:
+        sys.path[0] = str(here.parent)
+
+
 def script_arg_parser(prog: str, description: str, epilog: str, config_help: str,
                       init_from_help: str) -> argparse.ArgumentParser:
     """``--config``, ``--deepspeed``, ``--resume``, ``--init_from`` and the deepspeed launcher's ``--local_rank``;

@@ -16,10 +16,10 @@ import sys
 from pathlib import Path
 from typing import Any, Sequence
 
-if __name__ == "__main__" and sys.path and Path(sys.path[0] or ".").resolve() == Path(__file__).resolve().parent:
-    # Run as a file (`deepspeed megarec/<script>.py`), Python puts megarec/ first on sys.path, where
-    # megarec/kernels would shadow the `kernels` package transformers imports: the repository root instead.
-    sys.path[0] = str(Path(__file__).resolve().parents[1])
+if __name__ == "__main__":
+    from megarec.entry_point import unshadow_script_dir
+
+    unshadow_script_dir(__file__)
 
 import yaml
 
