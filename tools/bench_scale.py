@@ -108,6 +108,7 @@ def main(argv: list[str] | None = None) -> dict:
     out: dict = {"quick": args.quick, "tiny": args.tiny, "cpu": cpu_summary(), "torch_threads": args.threads,
                  "command": " ".join(["python", "tools/bench_scale.py", *(argv if argv is not None else sys.argv[1:])]),
                  **commit_of(Path(__file__))}
+    size = "tiny" if args.tiny else "quick" if args.quick else "paper"   # of the tokenizer and data parts
     t0 = time.time()
     with tempfile.TemporaryDirectory(dir=args.work or None) as tmp:
         work = Path(args.work) if args.work else Path(tmp)
@@ -128,13 +129,11 @@ def main(argv: list[str] | None = None) -> dict:
         if "tokenizer" in parts:
             import scale_tokenizer
 
-            size = "tiny" if args.tiny else "quick" if args.quick else "paper"
             out["tokenizer"] = scale_tokenizer.run(work / "tokenizer", size=size, reuse=args.reuse)
             print(scale_tokenizer.table(out["tokenizer"]))
         if "data" in parts:
             import scale_data
 
-            size = "tiny" if args.tiny else "quick" if args.quick else "paper"
             out["data"] = scale_data.run(work / "data", size=size, items=32 if args.tiny else 256,
                                          seconds=2 if args.tiny else 20)
             print(scale_data.table(out["data"]))

@@ -20,16 +20,13 @@ dense bf16 peak gives items per second per GPU, and so the workers a rank needs.
 """
 from __future__ import annotations
 
-import json
 import math
-import statistics
 from pathlib import Path
 from typing import Any
 
 import scale_tokenizer
 
 PAPER_CONFIG = scale_tokenizer.REPO / "megarec" / "configs" / "utgrec_tokenizer_paper.yaml"
-H200_BF16 = 989e12     # dense bf16 FLOP/s (megarec.engine.flops.PEAK_BF16)
 
 
 def param_counts(qwen: Path) -> dict[str, int]:
@@ -59,10 +56,11 @@ def flops_per_item(counts: dict[str, int], hidden: int, vocab: int, llm_tokens: 
 
 
 def run(work: Path, size: str = "paper", items: int = 256, workers: tuple[int, ...] = (1, 2), seconds: float = 20.0,
-        mfu: float = 0.35, peak: float = H200_BF16, batch: int = 16) -> dict[str, Any]:
+        mfu: float = 0.35, peak: float | None = None, batch: int = 16) -> dict[str, Any]:
     """Fixtures in ``work``, then the loader's rate per worker count (cached latents) and at one worker without
-    the cache; the GPU's consumption at ``mfu`` of ``peak``."""
+    the cache; the GPU's consumption at ``mfu`` of ``peak`` FLOP/s (default: the H200's dense bf16 peak)."""
     from megarec.config import load_config
+    from megarec.engine.flops import PEAK_BF16
     from megarec.methods.utgrec.data_rate import items_per_second
     from megarec.methods.utgrec.item_lookup import ItemLookup
     from megarec.methods.utgrec.latent_cache import write_latent_cache
@@ -76,21 +74,22 @@ def run(work: Path, size: str = "paper", items: int = 256, workers: tuple[int, .
     overrides = [x for k, v in o.items() for x in (f"--{k}", str(v))]
     cfg = load_config(TrainTokenizerConfig, PAPER_CONFIG, overrides)
     d, e = cfg.utgrec.decoder, cfg.utgrec.encoder
+    peak = peak or dict(PEAK_BF16)["H200"]
     rates: dict[str, dict] = {}
     nocache = items_per_second(cfg, 1, seconds)      # before the cache exists: VAE-size images in the worker
     cache = write_latent_cache(shards, str(vae), image_size=d.vae_image_size, patch=d.latent_patch, progress=False)
     for w in workers:
         rates[f"workers{w}"] = items_per_second(cfg, w, seconds)
     rates["workers1_no_latent_cache"] = nocache
-    r = rates[f"workers{workers[0]}"]
-    stats = {k: round(r[f"{k}_per_item"], 1) for k in ("encoder_tokens", "encoder_padded_tokens", "vision_patches",
-                                                        "text_targets")}
+    first = rates[f"workers{workers[0]}"]
+    stats = {k: round(first[f"{k}_per_item"], 1) for k in ("encoder_tokens", "encoder_padded_tokens",
+                                                            "vision_patches", "text_targets")}
     counts = param_counts(qwen)
     # the step computes on padded prompts (one batch, padded to its longest) and real text targets
     f = flops_per_item(counts, s["text"]["hidden_size"], s["tokenizer"], stats["encoder_padded_tokens"],
                        stats["vision_patches"], stats["text_targets"])
     gpu_items = mfu * peak / f["total"]
-    per_worker = statistics.median(r["items_per_s_per_worker"] for k, r in rates.items() if "no_latent" not in k)
+    per_worker = first["items_per_s_per_worker"]   # the first worker count (1): no other worker shares its core
     return {"size": size, "items": len(ItemLookup(shards)), "batch_anchors": batch, "image_side": e.image_size,
             "vae_image_size": d.vae_image_size, "encoder_text_tokens": e.max_text_tokens,
             "latent_cache": cache.name, "rates": rates, "per_item": stats, "params": counts,
@@ -110,19 +109,3 @@ def table(res: dict[str, Any]) -> str:
                 f"{f['total'] / 1e12:.2f} TFLOP per item) | - | {res['gpu_items_per_s']:.1f} | "
                 f"{res['workers_per_gpu_needed']} workers |")
     return "\n".join(rows)
-
-
-if __name__ == "__main__":
-    import argparse
-    import tempfile
-
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--size", default="paper", choices=("paper", "quick", "tiny"))
-    ap.add_argument("--seconds", type=float, default=20.0)
-    ap.add_argument("--json", default="")
-    a = ap.parse_args()
-    with tempfile.TemporaryDirectory() as tmp:
-        out = run(Path(tmp), a.size, seconds=a.seconds)
-    print(table(out))
-    if a.json:
-        Path(a.json).write_text(json.dumps(out, indent=2))
